@@ -1,0 +1,1 @@
+"""Streamlit pages (thin: widgets in, library calls, charts out)."""

@@ -1,0 +1,84 @@
+"""Shared page helpers: the cached model, the sidebar model picker, errors and chart downloads."""
+
+from __future__ import annotations
+
+import io
+import traceback
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+import tracing
+
+MODEL_KEY = "model_name"
+OTHER = "Other (hub id, folder or .gguf)…"
+
+
+@st.cache_resource(show_spinner="Loading model…", max_entries=2)
+def cached_model(name: str) -> tracing.LoadedModel:
+    """One model per name, shared by every browser session."""
+    return tracing.load_model(name)
+
+
+def current_model() -> tracing.LoadedModel:
+    """The model picked in the sidebar (the last one that loaded)."""
+    return cached_model(st.session_state.get(MODEL_KEY, tracing.DEFAULT_MODEL))
+
+
+def model_sidebar() -> None:
+    """Model picker and the loaded model's facts. A failed load keeps the previous model."""
+    st.session_state.setdefault(MODEL_KEY, tracing.DEFAULT_MODEL)
+    with st.sidebar:
+        st.subheader("Model")
+        options = list(tracing.EXAMPLE_MODELS) + [OTHER]
+        current = st.session_state[MODEL_KEY]
+        index = options.index(current) if current in options else len(options) - 1
+        choice = st.selectbox("Model", options, index=index, label_visibility="collapsed")
+        if choice == OTHER:
+            choice = st.text_input(
+                "Hub id, local folder or .gguf path", value="" if current in options else current
+            ).strip()
+        if choice and choice != current:
+            try:
+                cached_model(choice)
+                st.session_state[MODEL_KEY] = choice
+            except Exception as exc:  # noqa: BLE001 - shown to the user, previous model kept
+                st.error(f"{exc}\n\nStill using **{current}**.")
+        lm = current_model()
+        facts = lm.facts()
+        st.caption(
+            f"**{facts['name']}** · {facts['family']}  \n"
+            f"{facts['layers']} layers · {facts['heads']} heads · width {facts['width']}  \n"
+            f"{facts['device']} · {facts['dtype']} · loaded in {facts['load seconds']} s"
+        )
+
+
+def show_error(exc: BaseException, what: str = "That did not work") -> None:
+    """A clear message for a bad input or failed computation; the page keeps running."""
+    if isinstance(exc, (ValueError, tracing.ModelLoadError)):
+        st.error(f"{what}: {exc}")
+    else:
+        st.error(f"{what}: {type(exc).__name__}: {exc}")
+        with st.expander("Details"):
+            st.code("".join(traceback.format_exception(exc)))
+
+
+def chart_downloads(chart: alt.TopLevelMixin, stem: str, data: pd.DataFrame | None = None) -> None:
+    """PNG, SVG (vl-convert) and CSV download buttons for a chart."""
+    import vl_convert as vlc
+
+    spec = chart.to_json()
+    cols = st.columns(3 if data is not None else 2)
+    try:
+        png = vlc.vegalite_to_png(spec, scale=2)
+        svg = vlc.vegalite_to_svg(spec)
+    except Exception as exc:  # noqa: BLE001
+        st.warning(f"Could not render the chart for download: {exc}")
+        return
+    cols[0].download_button("PNG", png, f"{stem}.png", "image/png", key=f"{stem}-png")
+    cols[1].download_button("SVG", svg, f"{stem}.svg", "image/svg+xml", key=f"{stem}-svg")
+    if data is not None:
+        buf = io.StringIO()
+        data.to_csv(buf, index=False)
+        cols[2].download_button("CSV", buf.getvalue(), f"{stem}.csv", "text/csv", key=f"{stem}-csv")
