@@ -24,7 +24,7 @@ def tiny_config(family: str, vocab_size: int, n_layers: int = 3):
     """A few layers, a few heads, small width: fast, random, offline."""
     from transformers import AutoConfig
 
-    common = dict(vocab_size=vocab_size)
+    common = dict(vocab_size=vocab_size, initializer_range=0.3)  # large weights: visible effects
     if family == "gpt2":
         return AutoConfig.for_model("gpt2", n_layer=n_layers, n_head=4, n_embd=32, n_positions=256, **common)
     if family in ("llama", "qwen2"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import sys
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -90,6 +91,15 @@ def causal_mask(positions: torch.Tensor, n_keys: int, dtype: torch.dtype) -> tor
     return mask[None, None]
 
 
+@dataclass(frozen=True)
+class BlockContext:
+    """What every block needs besides the hidden states, for one set of query positions."""
+
+    mask: torch.Tensor
+    position_ids: torch.Tensor
+    rotary: tuple[torch.Tensor, torch.Tensor] | None
+
+
 class Runner:
     """Runs a loaded model block by block. Cheap to build; holds no state on the model."""
 
@@ -120,6 +130,25 @@ class Runner:
             return token_embeddings
         return token_embeddings + self.position_embedding(positions)[None]
 
+    def context(self, positions: torch.Tensor, n_prefix: int = 0) -> "BlockContext":
+        """Mask, position ids and rotary embeddings for queries at ``positions`` after a prefix."""
+        positions = positions.to(self.lm.device)
+        mask = causal_mask(positions, n_prefix + positions.numel(), self.lm.dtype)
+        position_ids = positions[None]
+        rotary = None
+        if self.rotary is not None:
+            like = torch.empty(0, dtype=self.lm.dtype, device=self.lm.device)
+            rotary = self.rotary(like, position_ids)
+        return BlockContext(mask, position_ids, rotary)
+
+    def run_block(
+        self, layer: int, hidden: torch.Tensor, context: "BlockContext", cache: object | None = None
+    ) -> torch.Tensor:
+        """One block on ``hidden`` [batch, queries, d_model]."""
+        return self.adapter.call_block(
+            self.blocks[layer], hidden, context.mask, context.position_ids, context.rotary, cache
+        )
+
     def run(
         self,
         hidden: torch.Tensor,
@@ -136,17 +165,12 @@ class Runner:
         from ``cache`` (a KVPrefix). ``before_block(layer, hidden)`` may return a replacement input.
         """
         stop = self.n_layers if stop is None else stop
-        positions = positions.to(hidden.device)
-        mask = causal_mask(positions, n_prefix + positions.numel(), hidden.dtype)
-        position_ids = positions[None]
-        rotary = self.rotary(hidden, position_ids) if self.rotary is not None else None
+        context = self.context(positions, n_prefix)
         for layer in range(start, stop):
             if before_block is not None:
                 replaced = before_block(layer, hidden)
                 hidden = hidden if replaced is None else replaced
-            hidden = self.adapter.call_block(
-                self.blocks[layer], hidden, mask, position_ids, rotary, cache
-            )
+            hidden = self.run_block(layer, hidden, context, cache)
         return hidden
 
     def logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
