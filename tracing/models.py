@@ -12,6 +12,7 @@ import socket
 import tempfile
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -251,10 +252,12 @@ def load_model(
     name: str = DEFAULT_MODEL,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
+    allow_pickle: bool = False,
 ) -> LoadedModel:
     """Load a causal LM by name: the embedded default, a hub id, a local folder or a .gguf file.
 
-    Never runs remote code; weights are read from safetensors only.
+    Never runs remote code. Weights are read from safetensors only, unless ``allow_pickle`` is set
+    explicitly (pickle checkpoints can run arbitrary code when loaded: a warning is issued).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -271,11 +274,16 @@ def load_model(
     adapter = adapter_for(config.model_type)
     torch_device = pick_device(device)
     torch_dtype = _pick_dtype(torch_device, dtype)
+    if allow_pickle:
+        warnings.warn(
+            f"Loading '{name}' with pickle checkpoints allowed: only do this for files you trust.",
+            stacklevel=2,
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(
             location,
             dtype=torch_dtype,
-            use_safetensors=True,
+            use_safetensors=None if allow_pickle else True,
             trust_remote_code=False,
             attn_implementation=runner.ATTENTION_IMPLEMENTATION,
             **extra,
@@ -283,8 +291,8 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=False, **extra)
     except OSError as exc:
         raise ModelLoadError(
-            f"Could not load the weights of '{name}' from safetensors ({exc}). Pickle checkpoints "
-            "(.bin) are not loaded, for safety."
+            f"Could not load the weights of '{name}' ({exc}). Only safetensors weights are loaded "
+            "by default; pickle checkpoints (.bin) need an explicit allow_pickle=True."
         ) from exc
     model.to(torch_device).eval().requires_grad_(False)
     revision = getattr(config, "_commit_hash", None) or (
