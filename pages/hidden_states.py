@@ -1,6 +1,236 @@
-"""Coming soon."""
+"""Hidden states of the final token: trajectories by prompt type and the logit lens."""
 
+from __future__ import annotations
+
+import time
+
+import pandas as pd
 import streamlit as st
 
-st.title("hidden_states")
-st.info("This page is being built.")
+import tracing
+from pages import common
+from tracing import hidden, hidden_charts, prompts
+
+TRAJ_KEY = "hidden_trajectories"  # last good trajectories: dict(model, source, frame, seconds)
+LENS_KEY = "hidden_lens"  # last good logit lens: dict(model, lens)
+CUSTOM = "(type your own prompt)"
+
+
+@st.cache_data(show_spinner="Running every prompt of the set…", max_entries=8)
+def trajectories(model_name: str, records: tuple[tuple[str, str, str], ...]
+                 ) -> tuple[pd.DataFrame, float]:
+    """Long table of every measure for every prompt, and the seconds it took."""
+    lm = common.cached_model(model_name)
+    frame = pd.DataFrame(records, columns=["category", "prompt", "expected"])
+    start = time.perf_counter()
+    result = hidden.prompt_set_trajectories(lm, frame)
+    return result, time.perf_counter() - start
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def logit_lens(model_name: str, prompt: str, target: str | None, k: int) -> hidden.LogitLens:
+    return hidden.logit_lens(common.cached_model(model_name), prompt, k=k, target=target)
+
+
+def prompt_set_picker() -> tuple[pd.DataFrame, str] | None:
+    """The shipped set or an uploaded CSV; None (with an error shown) if it cannot be read."""
+    shipped = prompts.shipped_sets()
+    options = list(shipped) + ["Upload a CSV…"]
+    choice = st.selectbox("Prompt set", options, key="hidden_set",
+                          help="Columns category, prompt, expected, subject (see the README).")
+    try:
+        if choice in shipped:
+            return prompts.load_prompt_set(shipped[choice]), choice
+        upload = st.file_uploader("Prompt-set CSV", type=["csv"], key="hidden_upload")
+        if upload is None:
+            st.info("Upload a prompt-set CSV to use it here.")
+            return None
+        return prompts.load_prompt_set(upload.getvalue()), upload.name
+    except Exception as exc:  # noqa: BLE001 - shown to the user
+        common.show_error(exc, "Could not read the prompt set")
+        return None
+
+
+def compute_trajectories(model_name: str, picked: tuple[pd.DataFrame, str] | None) -> dict | None:
+    """Run the picked set (cached); on failure show an error and return the last good result."""
+    if picked is not None:
+        frame, source = picked
+        records = tuple(zip(frame["category"], frame["prompt"], frame["expected"].fillna("")))
+        try:
+            result, seconds = trajectories(model_name, records)
+            st.session_state[TRAJ_KEY] = dict(model=model_name, source=source, frame=result,
+                                              seconds=seconds, n=len(records))
+        except Exception as exc:  # noqa: BLE001
+            common.show_error(exc, "Could not compute the trajectories")
+    return st.session_state.get(TRAJ_KEY)
+
+
+def trajectory_controls(n_layers: int) -> dict:
+    c1, c2, c3, c4 = st.columns([1.1, 1, 1, 2])
+    combine = c1.toggle("Combine regurgitation", value=True, key="hidden_combine",
+                        help="One line for non-English and plain-English regurgitation together.")
+    spread = c2.radio("Band", list(hidden_charts.SPREADS), key="hidden_spread",
+                      format_func=hidden_charts.SPREADS.get)
+    per_prompt = c3.toggle("Show every prompt", value=False, key="hidden_per_prompt")
+    default = (max(1, round(n_layers * 0.1)), max(2, round(n_layers * 0.9)))
+    crop = c4.slider("Middle layers (right column)", 0, n_layers, default,
+                     key=f"hidden_crop_{n_layers}",
+                     help="The right-hand charts show only these layers, with their own y range.")
+    measures = st.multiselect("Measures", list(hidden.MEASURES), default=list(hidden.MEASURES),
+                              format_func=hidden.MEASURES.get, key="hidden_measures")
+    return dict(combine=combine, spread=spread, per_prompt=per_prompt, crop=crop, measures=measures)
+
+
+@st.fragment
+def trajectory_section(model_name: str, picked: tuple[pd.DataFrame, str] | None) -> None:
+    st.subheader("Trajectories by prompt type")
+    st.caption(
+        "The final token's hidden state on the clean prompt, from the embeddings (layer 0) to "
+        "the last block's output (layer L, before the final norm). Lines: mean over the prompts "
+        "of each type; band: spread. Cosine and step at layer l compare the states before and "
+        "after block l; step cosine at layer l compares block l's step with block l−1's."
+    )
+    result = compute_trajectories(model_name, picked)
+    if result is None:
+        return
+    frame = result["frame"]
+    n_layers = int(frame["layer"].max())
+    if result["model"] != model_name:
+        st.warning(f"Showing the last result, computed with **{result['model']}**.")
+    st.caption(f"**{result['n']} prompts** from `{result['source']}` · {result['model']} · "
+               f"computed in {result['seconds']:.1f} s")
+    opts = trajectory_controls(n_layers)
+    if not opts["measures"]:
+        st.error("Pick at least one measure.")
+        return
+    summary = hidden.summarise(frame, opts["combine"])
+    lines = hidden.group_categories(frame, opts["combine"]) if opts["per_prompt"] else None
+    chart = hidden_charts.trajectory_figure(summary, opts["measures"], tuple(opts["crop"]),
+                                            opts["spread"], lines)
+    st.altair_chart(chart, width="content")
+    if wants_downloads("hidden_traj_downloads"):
+        common.chart_downloads(chart, "hidden_trajectories", summary)
+    with st.expander("Per-prompt values"):
+        st.dataframe(frame, hide_index=True, width="stretch")
+        st.download_button("CSV (every prompt)", frame.to_csv(index=False),
+                           "hidden_trajectories_per_prompt.csv", "text/csv", key="hidden_pp_csv")
+
+
+def _fill_from_set(frame: pd.DataFrame) -> None:
+    """Callback: put the picked set prompt and its expected completion into the text fields."""
+    choice = st.session_state["hidden_lens_pick"]
+    if choice != CUSTOM:
+        row = frame.iloc[int(choice)]
+        st.session_state["hidden_lens_prompt"] = row["prompt"]
+        st.session_state["hidden_lens_target"] = row["expected"]
+
+
+def _mark_custom(frame: pd.DataFrame | None) -> None:
+    """Callback: an edited prompt or target no longer is the picked set prompt."""
+    choice = st.session_state.get("hidden_lens_pick", CUSTOM)
+    if frame is None or choice == CUSTOM:
+        return
+    row = frame.iloc[int(choice)]
+    if (st.session_state.get("hidden_lens_prompt"), st.session_state.get("hidden_lens_target")) != (
+        row["prompt"], row["expected"]
+    ):
+        st.session_state["hidden_lens_pick"] = CUSTOM
+
+
+def lens_inputs(frame: pd.DataFrame | None) -> tuple[str, str, int]:
+    options = [CUSTOM] + ([str(i) for i in range(len(frame))] if frame is not None else [])
+
+    def label(option: str) -> str:
+        if option == CUSTOM:
+            return option
+        row = frame.iloc[int(option)]
+        return (f"{hidden_charts.group_label(row['category'])}: {row['prompt']} → "
+                f"{hidden_charts.quote_token(row['expected'])}")
+
+    if st.session_state.get("hidden_lens_pick", CUSTOM) not in options:
+        st.session_state["hidden_lens_pick"] = CUSTOM
+    if frame is not None and "hidden_lens_prompt" not in st.session_state:
+        st.session_state["hidden_lens_pick"] = options[1] if len(options) > 1 else CUSTOM
+        _fill_from_set(frame)
+    st.selectbox("Prompt from the set", options, format_func=label, key="hidden_lens_pick",
+                 on_change=_fill_from_set, args=(frame,))
+    c1, c2, c3 = st.columns([3, 1.2, 1])
+    st.session_state.setdefault("hidden_lens_prompt", "The Eiffel Tower is in the city of")
+    prompt = c1.text_input("Prompt", key="hidden_lens_prompt", on_change=_mark_custom,
+                           args=(frame,))
+    target = c2.text_input("Target completion", key="hidden_lens_target", on_change=_mark_custom,
+                           args=(frame,),
+                           help="Its first token is tracked (include the leading space, "
+                                "e.g. ' Paris'). Empty: the model's top prediction.")
+    k = c3.slider("Top tokens", 1, 10, 5, key="hidden_lens_k")
+    return prompt, target, k
+
+
+@st.fragment
+def lens_section(model_name: str, frame: pd.DataFrame | None) -> None:
+    st.subheader("Logit lens")
+    st.caption("The final token's state entering each layer, put through the model's final norm "
+               "and unembedding: what the model would predict if it stopped there.")
+    prompt, target, k = lens_inputs(frame)
+    try:
+        lens = logit_lens(model_name, prompt, target or None, k)
+        st.session_state[LENS_KEY] = dict(model=model_name, lens=lens)
+    except Exception as exc:  # noqa: BLE001
+        common.show_error(exc, "Could not run the logit lens")
+    shown = st.session_state.get(LENS_KEY)
+    if shown is None:
+        return
+    lens = shown["lens"]
+    if shown["model"] != model_name or lens.prompt != prompt:
+        st.warning(f"Showing the last valid result ({shown['model']}, prompt `{lens.prompt}`).")
+    show_lens(lens)
+
+
+def wants_downloads(key: str) -> bool:
+    """A toggle: rendering PNG and SVG takes seconds, so only when asked for."""
+    return st.toggle("Downloads (PNG · SVG · CSV)", value=False, key=key)
+
+
+def show_lens(lens: hidden.LogitLens) -> None:
+    st.caption("Tokens: " + " · ".join(f"`{hidden_charts.show_token(t)}`" for t in lens.tokens))
+    downloads = wants_downloads("hidden_lens_downloads")
+    left, right = st.columns([3, 2])
+    with left:
+        heat = hidden_charts.lens_heatmap(lens)
+        st.altair_chart(heat, width="content")
+        if downloads:
+            common.chart_downloads(heat, "logit_lens", lens_frame_csv(lens))
+    with right:
+        scale = st.radio("Show", list(hidden_charts.CURVE_SCALES), horizontal=True,
+                         format_func=hidden_charts.CURVE_SCALES.get, key="hidden_lens_scale")
+        curve = hidden_charts.target_curve(lens, scale)
+        st.altair_chart(curve, width="content")
+        if downloads:
+            common.chart_downloads(curve, "logit_lens_target", lens.target_frame())
+        final = lens.target_probs[-1]
+        st.caption(f"Target {hidden_charts.quote_token(lens.target)} (id {lens.target_id}): "
+                   f"p = {final:.3g} at the output, rank {int(lens.target_ranks[-1])}.")
+    with st.expander("Table"):
+        st.dataframe(hidden_charts.lens_wide_table(lens), hide_index=True, width="stretch")
+
+
+def lens_frame_csv(lens: hidden.LogitLens) -> pd.DataFrame:
+    table = lens.table()
+    table["target"] = lens.target
+    table["target_prob"] = lens.target_probs[table["layer"]]
+    return table
+
+
+def main() -> None:
+    st.title("Hidden states of the final token")
+    common.current_model()
+    model_name = st.session_state.get(common.MODEL_KEY, tracing.DEFAULT_MODEL)
+    picked = prompt_set_picker()
+    traj, lens = st.tabs(["Trajectories by prompt type", "Logit lens"])
+    with traj:
+        trajectory_section(model_name, picked)
+    with lens:
+        lens_section(model_name, picked[0] if picked is not None else None)
+
+
+main()

@@ -2,6 +2,7 @@
 
 from .adapters import UnsupportedArchitectureError, adapter_for, supported_families
 from .causal import METRICS, Trace, TraceCancelled, causal_trace, subject_positions
+from .hidden import LogitLens, final_token_states, logit_lens
 from .models import DEFAULT_MODEL, EXAMPLE_MODELS, LoadedModel, ModelLoadError, load_model
 from .runner import Runner, record_attention
 
@@ -10,6 +11,9 @@ __all__ = [
     "Trace",
     "TraceCancelled",
     "causal_trace",
+    "final_token_states",
+    "logit_lens",
+    "LogitLens",
     "subject_positions",
     "DEFAULT_MODEL",
     "EXAMPLE_MODELS",
