@@ -25,9 +25,11 @@ not computed at all.
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -305,6 +307,19 @@ class _LRU:
 
 _clean_cache = _LRU(8)
 _corrupted_cache = _LRU(4)
+_model_tokens: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
+_model_tokens_lock = threading.Lock()
+
+
+def _model_key(model: torch.nn.Module) -> int:
+    """A number unique to this model object for the life of the process (ids can be reused)."""
+    with _model_tokens_lock:
+        if model not in _model_tokens:
+            _model_tokens[model] = next(_model_counter)
+        return _model_tokens[model]
+
+
+_model_counter = itertools.count()
 
 
 def _module_map(runner: Runner, part: str) -> dict[int, torch.nn.Module]:
@@ -337,7 +352,7 @@ def clean_run(lm, ids: Sequence[int]) -> CleanRun:
         modules = {k: torch.stack([v[l] for l in range(runner.n_layers)]) for k, v in outputs.items()}
         return CleanRun([s[0] for s in states], modules, logits[0])
 
-    return _clean_cache.get((id(lm.model), tuple(ids)), make)
+    return _clean_cache.get((_model_key(lm.model), tuple(ids)), make)
 
 
 def embedding_sigma(lm) -> float:
@@ -366,7 +381,7 @@ def corrupted_run(
     replacement_ids: Sequence[int] | None,
 ) -> CorruptedRun:
     """States, keys, values and logits of the corrupted runs (cached)."""
-    key = (id(lm.model), tuple(ids), tuple(noised), corruption, float(noise), noise_mode, samples,
+    key = (_model_key(lm.model), tuple(ids), tuple(noised), corruption, float(noise), noise_mode, samples,
            seed, tuple(replacement_ids or ()))
 
     def make() -> CorruptedRun:
