@@ -1,6 +1,427 @@
-"""Coming soon."""
+"""Attention: where the final token looks, by prompt type and per head; one prompt; long texts."""
 
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import altair as alt
+import numpy as np
+import pandas as pd
 import streamlit as st
 
-st.title("attention")
-st.info("This page is being built.")
+from pages import common
+from tracing import attention as A
+from tracing import attention_charts as C
+from tracing import prompts
+
+SET_KEY = "attn_set_result"  # last good prompt-set result: dict(model, source, result)
+LONG_KEY = "attn_long_result"  # last good long-text result: dict(model, source, result)
+MAX_TEXT_BYTES = 5_000_000
+MAX_PATTERN_TOKENS = 90  # 90 x 91 / 2 cells: under Altair's 5000-row limit
+DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "prompts" / "long_text_default.txt"
+DEFAULT_TEXT_LABEL = (
+    "“The Tide Clock of Harrow Point”, an original short story (about 3,400 words) written for this "
+    "app and released into the public domain (CC0). It appears in no book, so the model cannot "
+    "have memorised it."
+)
+UPLOAD = "Upload a CSV…"
+EXAMPLE_PROMPT = "The Eiffel Tower is located in the city of"
+
+
+# ---------------------------------------------------------------------------------------------
+# Cached computations (keyed by model name and inputs; the model is fetched inside)
+
+
+@st.cache_data(show_spinner=False, max_entries=20_000)
+def _attention_to(model: str, revision: str, prompt: str, positions: tuple[int, ...]) -> np.ndarray:
+    return A.attention_to(common.cached_model(model), prompt, positions)
+
+
+@st.cache_data(show_spinner=False, max_entries=400)
+def _first_token_attention(model: str, revision: str, window: tuple[int, ...]) -> np.ndarray:
+    return A.first_token_attention(common.cached_model(model), window)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _pattern(model: str, revision: str, prompt: str, layer: int) -> tuple[np.ndarray, list[str]]:
+    lm = common.cached_model(model)
+    return A.attention_pattern(lm, prompt, layer), A.token_labels(lm, A.prompt_ids(lm, prompt))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _load_set(source: str, data: bytes | None, model: str) -> pd.DataFrame:
+    lm = common.cached_model(model)
+    if data is None:
+        return prompts.load_prompt_set(prompts.shipped_sets()[source], lm=lm)
+    return prompts.load_prompt_set(data, lm=lm)
+
+
+def _cached_attend(lm, prompt: str, positions) -> np.ndarray:
+    return _attention_to(lm.name, lm.revision, prompt, tuple(int(p) for p in positions))
+
+
+def _cached_window(lm, window) -> np.ndarray:
+    return _first_token_attention(lm.name, lm.revision, tuple(int(i) for i in window))
+
+
+def _progress_bar(text: str):
+    bar = st.progress(0.0, text=text)
+
+    def update(done: int, total: int) -> None:
+        bar.progress(done / max(total, 1), text=f"{text} {done}/{total}")
+
+    return bar, update
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt set (shared by the first two sections)
+
+
+def pick_prompt_set(lm) -> tuple[pd.DataFrame, str] | None:
+    """The chosen prompt set, filtered; None (with a message) when it cannot be read."""
+    shipped = prompts.shipped_sets()
+    c1, c2, c3 = st.columns([1.2, 1.3, 1.5])
+    choice = c1.selectbox("Prompt set", list(shipped) + [UPLOAD], key="attn_set",
+                          help="The prompt-set CSV format is described in the README.")
+    skip_flagged = c2.toggle("Skip prompts flagged with problems", value=True, key="attn_skip_flagged",
+                             help="E.g. the subject is missing, or the first or last token would be noised.")
+    only_right = c3.toggle("Only prompts the embedded model gets right", value=False, key="attn_only_right",
+                           help="Uses the set's model_top1 column (top-1 of SmolLM2-135M-Instruct).")
+    try:
+        if choice == UPLOAD:
+            upload = st.file_uploader("Prompt-set CSV", type=["csv"], key="attn_set_upload")
+            if upload is None:
+                st.info("Upload a prompt-set CSV to use it here.")
+                return None
+            frame, source = _load_set(upload.name, upload.getvalue(), lm.name), upload.name
+        else:
+            frame, source = _load_set(choice, None, lm.name), choice
+    except Exception as exc:  # noqa: BLE001 - shown to the user
+        common.show_error(exc, "Could not read the prompt set")
+        return None
+    if skip_flagged:
+        frame = frame[frame["problems"].fillna("") == ""]
+    if only_right and "model_top1" in frame:
+        frame = frame[frame["model_top1"].fillna(False).astype(bool)]
+    if frame.empty:
+        st.error("No prompts left after the filters.")
+        return None
+    return frame, source
+
+
+def _set_key(lm, frame: pd.DataFrame) -> str:
+    records = frame[["category", "prompt", "subject", "noised"]].to_dict("records")
+    return hashlib.sha256(repr((lm.name, lm.revision, records)).encode()).hexdigest()
+
+
+def compute_prompt_set(lm, picked: tuple[pd.DataFrame, str] | None) -> dict | None:
+    """Measure every prompt (cached per prompt); on failure keep and return the last good result."""
+    stored = st.session_state.get(SET_KEY)
+    if picked is not None and (stored is None or stored["key"] != _set_key(lm, picked[0])):
+        frame, source = picked
+        bar, update = _progress_bar("Measuring attention on the prompt set…")
+        try:
+            result = A.prompt_set_attention(lm, frame, progress=update, attend=_cached_attend)
+            if len(result.table):
+                st.session_state[SET_KEY] = dict(model=lm.name, source=source, result=result,
+                                                 key=_set_key(lm, frame))
+            else:
+                st.error("None of the prompts could be measured (see the skipped prompts below).")
+                _show_skipped(result)
+        except Exception as exc:  # noqa: BLE001
+            common.show_error(exc, "Could not measure the prompt set")
+        finally:
+            bar.empty()
+    return st.session_state.get(SET_KEY)
+
+
+def _show_skipped(result: A.PromptSetAttention) -> None:
+    if len(result.skipped):
+        with st.expander(f"{len(result.skipped)} prompt(s) could not be measured"):
+            st.dataframe(result.skipped, hide_index=True, width="stretch")
+
+
+def _result_caption(stored: dict, model: str) -> None:
+    result: A.PromptSetAttention = stored["result"]
+    if stored["model"] != model:
+        st.warning(f"Showing the last result, computed with **{stored['model']}**.")
+    counts = result.table["category"].value_counts()
+    per = " · ".join(f"{C.category_label(c)}: {counts[c]}" for c in result.categories)
+    st.caption(f"**{len(result.table)} prompts** from `{stored['source']}` ({per}) · {stored['model']} · "
+               f"measured in {result.elapsed:.1f} s (prompts measured before come from a cache)")
+    _show_skipped(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. By prompt type
+
+
+def section_by_type(stored: dict) -> None:
+    result: A.PromptSetAttention = stored["result"]
+    st.caption(
+        "For each prompt (un-noised), the attention weight of the **final token's query** on the "
+        "**first** token, the **noised** token (the subject's last token: what causal tracing corrupts) "
+        "and the **final** token itself, at each layer, averaged over the heads of the layer, then "
+        "over the prompts of each type. The seed study's “Attention by Prompt Type” plot."
+    )
+    scale = st.radio("Scale", list(C.SCALES), horizontal=True, key="attn_type_scale",
+                     help=f"Log scale: weights below {C.LOG_FLOOR:g} are drawn at {C.LOG_FLOOR:g}.")
+    summary = A.layer_summary(result)
+    chart = C.layer_lines(summary, scale)
+    st.altair_chart(chart, width="content")
+    common.chart_downloads(chart, f"attention_by_type_{scale}", summary)
+    target = st.selectbox("Compare the prompt types on", list(A.TARGETS), index=1, key="attn_type_target",
+                          format_func=lambda t: f"attention to the {A.TARGET_LABELS[t]}")
+    chart = C.category_lines(summary, target, scale)
+    st.altair_chart(chart, width="content")
+    common.chart_downloads(chart, f"attention_{target}_by_type_{scale}", summary[summary["target"] == target])
+    with st.expander("Every number (prompt × layer × head × target)"):
+        st.download_button("CSV", A.long_frame(result).to_csv(index=False), "attention_per_prompt_head.csv",
+                           "text/csv", key="attn_all_csv")
+        st.dataframe(result.table, hide_index=True, width="stretch")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Per-head grids
+
+
+def _clicked_cell(event, name: str, key: str) -> tuple[int, int] | None:
+    """A newly clicked (layer, head) of a chart, or None when the click has not changed."""
+    try:
+        points = event.selection[name]
+    except (AttributeError, KeyError, TypeError):
+        return None
+    cell = (int(points[0]["layer"]), int(points[0]["head"])) if points else None
+    if cell is None or st.session_state.get(key) == cell:
+        return None
+    st.session_state[key] = cell
+    return cell
+
+
+def section_heads(stored: dict) -> None:
+    result: A.PromptSetAttention = stored["result"]
+    st.caption(
+        "The same final-token attention, per head: one layers × heads grid per prompt type (mean over "
+        "its prompts), with a colour scale shared across the types. Below, the difference between two "
+        "types. Click a cell (or pick it below) to see every prompt's value for that head."
+    )
+    c1, c2 = st.columns(2)
+    target = c1.selectbox("Attention to", list(A.TARGETS), key="attn_head_target",
+                          format_func=lambda t: A.TARGET_LABELS[t])
+    scale = c2.radio("Colour scale", list(C.SCALES), horizontal=True, key="attn_head_scale")
+    heads = A.head_summary(result, target)
+    chart = C.head_grids(heads, scale, alt.selection_point(fields=["layer", "head"], name="cell"))
+    event = st.altair_chart(chart, width="content", on_select="rerun", selection_mode="cell", key="attn_grid")
+    common.chart_downloads(chart, f"attention_heads_{target}", heads)
+    new = _clicked_cell(event, "cell", "attn_grid_seen")
+    _difference(result, target, new)
+
+
+def _difference(result: A.PromptSetAttention, target: str, new: tuple[int, int] | None) -> None:
+    cats = result.categories
+    if len(cats) >= 2:
+        c1, c2 = st.columns(2)
+        a = c1.selectbox("A", cats, index=len(cats) - 1, key="attn_diff_a", format_func=C.category_label)
+        b = c2.selectbox("B", cats, index=0, key="attn_diff_b", format_func=C.category_label)
+        if a == b:
+            st.info("Pick two different prompt types to see their difference.")
+        else:
+            diff = A.head_difference(result, target, a, b)
+            chart = C.difference_grid(diff, a, b, alt.selection_point(fields=["layer", "head"], name="dcell"))
+            event = st.altair_chart(chart, width="content", on_select="rerun", selection_mode="dcell",
+                                    key="attn_diff_grid")
+            common.chart_downloads(chart, f"attention_heads_{target}_difference", diff)
+            new = _clicked_cell(event, "dcell", "attn_diff_seen") or new
+    else:
+        st.info("The difference grid needs prompts of at least two types.")
+    _per_prompt(result, target, new)
+
+
+def _per_prompt(result: A.PromptSetAttention, target: str, new: tuple[int, int] | None) -> None:
+    layer_key, head_key = f"attn_cell_layer_{result.n_layers}", f"attn_cell_head_{result.n_heads}"
+    st.session_state.setdefault(layer_key, result.n_layers // 2)
+    st.session_state.setdefault(head_key, 0)
+    if new is not None:
+        st.session_state[layer_key], st.session_state[head_key] = new
+    c1, c2 = st.columns(2)
+    layer = c1.number_input("Layer", 0, result.n_layers - 1, key=layer_key)
+    head = c2.selectbox("Head", ["mean over heads"] + list(range(result.n_heads)), key=head_key)
+    head = None if head == "mean over heads" else int(head)
+    values = A.per_prompt_values(result, target, int(layer), head)
+    where = f"layer {layer}, " + ("mean over heads" if head is None else f"head {head}")
+    chart = C.per_prompt_strip(values, f"Attention to the {A.TARGET_LABELS[target]}, every prompt · {where}")
+    st.altair_chart(chart, width="content")
+    common.chart_downloads(chart, f"attention_{target}_L{layer}_H{'mean' if head is None else head}", values)
+    st.dataframe(values.sort_values("attention", ascending=False), hide_index=True, width="stretch",
+                 column_config={"attention": st.column_config.NumberColumn(format="%.4f")})
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Single prompt
+
+
+def section_single(lm) -> None:
+    st.caption(
+        "One prompt, un-noised: the full attention pattern of one head (row = the attending token, "
+        "column = the token it attends to), and the final token's row for every head of the layer."
+    )
+    prompt = st.text_input("Prompt", value=EXAMPLE_PROMPT, max_chars=2000, key="attn_single_prompt")
+    c1, c2, c3 = st.columns([2, 1, 1])
+    layer = c1.slider("Layer", 0, lm.n_layers - 1, lm.n_layers // 2, key=f"attn_single_layer_{lm.n_layers}")
+    head = c2.selectbox("Head", ["mean over heads"] + list(range(lm.n_heads)), key=f"attn_single_head_{lm.n_heads}")
+    scale = c3.radio("Colour scale", list(C.SCALES), horizontal=True, key="attn_single_scale")
+    try:
+        pattern, labels = _pattern(lm.name, lm.revision, prompt, int(layer))
+    except Exception as exc:  # noqa: BLE001
+        common.show_error(exc, "Could not compute the attention pattern")
+        return
+    if len(labels) > MAX_PATTERN_TOKENS:
+        st.error(f"The prompt has {len(labels)} tokens: the pattern view shows at most {MAX_PATTERN_TOKENS}.")
+        return
+    which = pattern.mean(axis=0) if head == "mean over heads" else pattern[int(head)]
+    name = "mean over heads" if head == "mean over heads" else f"head {head}"
+    chart = C.pattern_heatmap(which, labels, f"Attention pattern · layer {layer}, {name}",
+                              "Each row sums to 1. Cells right of the diagonal are masked (causal).", scale)
+    st.altair_chart(chart, width="content")
+    frame = pd.DataFrame(which, index=labels, columns=labels)
+    common.chart_downloads(chart, f"attention_pattern_L{layer}_{name.replace(' ', '_')}",
+                           frame.reset_index(names="query"))
+    rows = pattern[:, -1, :]
+    chart = C.final_rows_heatmap(rows, labels, f"Final token's attention, every head of layer {layer}", scale)
+    st.altair_chart(chart, width="content")
+    common.chart_downloads(chart, f"attention_final_row_L{layer}",
+                           pd.DataFrame(rows, columns=labels).reset_index(names="head"))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Long texts
+
+
+def _long_text_source() -> tuple[str, str] | None:
+    """(text, label) from an upload or the default text; None with an error when unusable."""
+    upload = st.file_uploader(f"A plain-text file (.txt, at most {MAX_TEXT_BYTES // 1_000_000} MB)", type=["txt"],
+                              key="attn_long_upload")
+    if upload is None:
+        st.caption(f"No file uploaded: using the default text, {DEFAULT_TEXT_LABEL}")
+        return DEFAULT_TEXT.read_text(encoding="utf-8"), "default text (The Tide Clock of Harrow Point)"
+    if upload.size > MAX_TEXT_BYTES:
+        st.error(f"`{upload.name}` is {upload.size / 1e6:.1f} MB: the limit is {MAX_TEXT_BYTES / 1e6:.0f} MB.")
+        return None
+    try:
+        return upload.getvalue().decode("utf-8-sig"), upload.name
+    except UnicodeDecodeError as exc:
+        st.error(f"`{upload.name}` is not UTF-8 text ({exc.reason} at byte {exc.start}).")
+        return None
+
+
+def _long_text_form(lm) -> tuple[int, int, int, bool]:
+    c1, c2, c3, c4 = st.columns([1, 1, 1, 1])
+    n = c1.number_input("Samples N", 1, 500, 40, key="attn_long_n", help="Windows drawn from the text.")
+    m = c2.number_input("Tokens per sample M", 2, int(lm.n_ctx), min(800, int(lm.n_ctx)), key=f"attn_long_m_{lm.n_ctx}",
+                        help=f"Capped at the model's context ({lm.n_ctx}).")
+    seed = c3.number_input("Seed", 0, 2**31 - 1, 0, key="attn_long_seed", help="Where the windows start.")
+    c4.write("")
+    go = c4.button("Compute", type="primary", key="attn_long_go")
+    return int(n), int(m), int(seed), go
+
+
+def section_long(lm) -> None:
+    st.caption(
+        "The seed study's long-text check: draw N windows of M consecutive tokens from a text and "
+        "measure, for every position i of the window, the attention token i pays to the window's first "
+        "token, averaged over windows (and over heads, and layers). Evenly spread attention would give "
+        "1/(i+1). Windows that were measured before are cached, so an interrupted run resumes."
+    )
+    source = _long_text_source()
+    n, m, seed, go = _long_text_form(lm)
+    if go and source is not None:
+        text, label = source
+        bar, update = _progress_bar(f"Measuring {n} windows of {m} tokens…")
+        try:
+            result = A.long_text_attention(lm, text, n, m, seed, progress=update, window_fn=_cached_window)
+            st.session_state[LONG_KEY] = dict(model=lm.name, source=label, result=result)
+        except Exception as exc:  # noqa: BLE001
+            common.show_error(exc, "Could not measure the text")
+        finally:
+            bar.empty()
+    stored = st.session_state.get(LONG_KEY)
+    if stored is None:
+        st.info("Press **Compute** (40 × 800 tokens takes a few minutes on a CPU; a small N is quick).")
+        return
+    show_long(stored, lm.name)
+
+
+def show_long(stored: dict, model: str) -> None:
+    result: A.LongTextAttention = stored["result"]
+    if stored["model"] != model:
+        st.warning(f"Showing the last result, computed with **{stored['model']}**.")
+    st.caption(f"**{result.n_samples} windows × {result.length} tokens** from `{stored['source']}` "
+               f"({result.n_text_tokens:,} tokens) · seed {result.seed} · {stored['model']} · {result.elapsed:.1f} s")
+    tail = min(512, result.length // 2)
+    cols = st.columns(3)
+    cols[0].metric(f"Mean attention to the first token, i ≥ {tail}", f"{result.mean[:, :, tail:].mean():.3f}",
+                   help="Over layers, heads, windows and positions i ≥ the given one.")
+    cols[1].metric(f"Evenly spread attention at i = {tail}", f"{1 / (tail + 1):.4f}")
+    by_layer = result.mean[:, :, tail:].mean(axis=(1, 2))
+    cols[2].metric("Layers above 0.25", f"{int((by_layer > 0.25).sum())} of {len(by_layer)}",
+                   help=f"Head-averaged attention to the first token, i ≥ {tail}.")
+    c1, c2 = st.columns(2)
+    log_x = c1.toggle("Log scale for i", value=False, key="attn_long_logx")
+    log_y = c2.toggle("Log scale for attention", value=False, key="attn_long_logy")
+    curves = A.long_text_curves(result)
+    chart = C.long_text_mean(curves, log_x, log_y)
+    st.altair_chart(chart, width="content")
+    common.chart_downloads(chart, "first_token_attention_mean", curves[curves["layer"] == "mean"])
+    view = st.radio("Per layer, as", ["heatmap", "lines"], horizontal=True, key="attn_long_view")
+    chart = C.long_text_layer_heatmap(curves) if view == "heatmap" else C.long_text_layers(curves, log_x, log_y)
+    st.altair_chart(chart, width="content")
+    common.chart_downloads(chart, f"first_token_attention_per_layer_{view}", curves[curves["layer"] != "mean"])
+    start = st.slider("Per-head view: positions from", 0, result.length - 1, tail, key=f"attn_long_from_{result.length}")
+    heads = A.long_text_heads(result, start)
+    chart = C.long_text_heads(heads, start)
+    st.altair_chart(chart, width="content")
+    common.chart_downloads(chart, "first_token_attention_per_head", heads)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+TABS = ["By prompt type", "Per-head grids", "Single prompt", "Long texts"]
+
+
+def _prompt_set_tab(lm, section) -> None:
+    picked = pick_prompt_set(lm)
+    stored = compute_prompt_set(lm, picked)
+    if stored is not None:
+        _result_caption(stored, lm.name)
+        section(stored)
+
+
+def main() -> None:
+    lm = common.current_model()
+    st.title("Attention")
+    st.caption(
+        f"Where attention goes in **{lm.name}** ({lm.n_layers} layers × {lm.n_heads} heads). Weights are "
+        "read from the model's own attention of each block (softmax of scaled query · key, after the "
+        "causal mask), on clean prompts."
+    )
+    for key in ("attn_set", "attn_skip_flagged", "attn_only_right"):  # shared by two tabs: keep
+        if key in st.session_state:
+            st.session_state[key] = st.session_state[key]
+    tabs = st.tabs(TABS, on_change="rerun", key="attn_tab")  # lazy: only the open tab runs
+    with tabs[0]:
+        if tabs[0].open is not False:
+            _prompt_set_tab(lm, section_by_type)
+    with tabs[1]:
+        if tabs[1].open:
+            _prompt_set_tab(lm, section_heads)
+    with tabs[2]:
+        if tabs[2].open:
+            section_single(lm)
+    with tabs[3]:
+        if tabs[3].open:
+            section_long(lm)
+
+
+main()

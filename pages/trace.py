@@ -1,6 +1,680 @@
-"""Coming soon."""
+"""Single-prompt causal trace: prompt, noised tokens, a live noise slider, ROME heatmaps, exports.
 
+Every setting lives in the URL query string. Traces are cached in the session and in the on-disk
+result store, so a noise level already traced shows at once, also after a reload or a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import time
+from collections import OrderedDict
+from typing import Any
+
+import pandas as pd
 import streamlit as st
 
-st.title("trace")
-st.info("This page is being built.")
+import tracing
+from pages import common
+from tracing import charts, runcard
+from tracing.causal import (CONVENTIONS, CORRUPTIONS, KINDS, METRIC_LABELS, METRICS, Trace,
+                            TraceCancelled, answer_token, causal_trace, embedding_sigma,
+                            token_strings, tokenize)
+
+try:  # the on-disk result store (another module; the page works without it)
+    from tracing.store import ResultStore
+except ImportError:  # pragma: no cover - only while store.py does not exist
+    ResultStore = None
+
+STATE = "trace_state"  # the page state (dict), kept across page switches
+SHOWN = "trace_shown"  # the last good result: dict(traces, state, model, source, seconds)
+CACHE = "trace_cache"  # this session's traces by key (OrderedDict)
+STOPPED = "trace_stopped"  # key of the computation the user stopped
+CARD_MSG = "trace_card_message"  # (kind, text) about the last loaded run card
+SESSION_ITEMS = 64
+W = {name: f"trace_{name}" for name in runcard.DEFAULTS}  # widget keys
+W["noise_sigma"] = "trace_noise_sigma"
+KIND_NAMES = {"hidden": "Hidden state", "mlp": "MLP", "attn": "Attention", "all": "All three"}
+CORRUPTION_NAMES = {"gaussian": "Gaussian", "uniform": "Uniform", "replace": "Token replacement"}
+CHIP = ("display:inline-flex;align-items:baseline;gap:3px;padding:1px 8px;border-radius:12px;"
+        "border:1px solid #d0d0d8;background:#f6f6f9;font-family:monospace;font-size:0.9rem;")
+CHIP_NOISED = CHIP + "border-color:#5b3f9e;background:#e9e1f7;font-weight:600;"
+CHIP_INDEX = "font-size:0.7rem;color:#888;font-family:sans-serif;"
+
+
+# ---------------------------------------------------------------------------------------------
+# Caches
+
+
+@st.cache_resource(show_spinner=False)
+def result_store() -> Any:
+    """One on-disk store for every session (None when the store module is missing)."""
+    return ResultStore() if ResultStore is not None else None
+
+
+@st.cache_resource(show_spinner=False)
+def process_cache() -> OrderedDict:
+    """Traces shared by every session of this process (when there is no store)."""
+    return OrderedDict()
+
+
+def trace_key(lm: tracing.LoadedModel, request: runcard.TraceRequest) -> str:
+    """The store's key of a request (a hash of model, prompt and every setting)."""
+    store = result_store()
+    if store is not None:
+        return store.key(lm, request.prompt, request.settings)
+    payload = [lm.name, lm.revision, str(lm.dtype), request.prompt, request.settings]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _remember(cache: OrderedDict, key: str, trace: Trace, size: int) -> None:
+    cache[key] = trace
+    cache.move_to_end(key)
+    while len(cache) > size:
+        cache.popitem(last=False)
+
+
+def lookup(key: str) -> tuple[Trace | None, str]:
+    """A cached trace and where it came from ("session", "store"), or (None, "")."""
+    session = st.session_state.setdefault(CACHE, OrderedDict())
+    if key in session:
+        return session[key], "session"
+    store = result_store()
+    try:
+        trace = store.get(key) if store is not None else process_cache().get(key)
+    except Exception as exc:  # noqa: BLE001 - a broken store must not break the page
+        st.warning(f"Could not read the result store: {exc}")
+        trace = None
+    if trace is not None:
+        _remember(session, key, trace, SESSION_ITEMS)
+        return trace, "store"
+    return None, ""
+
+
+def remember(key: str, trace: Trace) -> None:
+    """Keep a trace in the session, and on disk (or in the process cache without a store)."""
+    _remember(st.session_state.setdefault(CACHE, OrderedDict()), key, trace, SESSION_ITEMS)
+    store = result_store()
+    try:
+        if store is not None:
+            store.put(key, trace)
+        else:
+            _remember(process_cache(), key, trace, 256)
+    except Exception as exc:  # noqa: BLE001
+        st.warning(f"Could not save the trace to the result store: {exc}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Page state: URL <-> widgets
+
+
+def widget_values(state: dict[str, Any]) -> dict[str, Any]:
+    """Widget key -> value for a page state."""
+    values = {W[name]: state[name] for name in runcard.DEFAULTS if name not in ("noise", "sweep")}
+    values[W["sweep"]] = ", ".join(f"{v:g}" for v in state["sweep"])
+    sigma_mode = state["noise_mode"] == "sigma"
+    values[W["noise_sigma" if sigma_mode else "noise"]] = float(state["noise"])
+    values[W["tokens"]] = list(state["tokens"])
+    return values
+
+
+def apply_state(state: dict[str, Any]) -> None:
+    """Set every widget to a page state (before the widgets are drawn, or from a callback)."""
+    st.session_state[STATE] = state
+    for key, value in widget_values(state).items():
+        st.session_state[key] = value
+
+
+def restore_widgets() -> list[str]:
+    """On the session's first run read the URL; later, refill widgets dropped by a page switch."""
+    problems: list[str] = []
+    if STATE not in st.session_state:
+        state, problems = runcard.parse_state(st.query_params.to_dict())
+        apply_state(state)
+    state = st.session_state[STATE]
+    defaults = widget_values(state)
+    defaults.setdefault(W["noise"], runcard.DEFAULTS["noise"])
+    defaults.setdefault(W["noise_sigma"], 3.0)
+    for key, value in defaults.items():
+        st.session_state.setdefault(key, value)
+    return problems
+
+
+def read_state() -> dict[str, Any]:
+    """The page state the widgets show now."""
+    old = st.session_state[STATE]
+    state = {name: st.session_state.get(W[name], old[name]) for name in runcard.DEFAULTS}
+    mode = state["noise_mode"]
+    state["noise"] = float(st.session_state.get(W["noise_sigma" if mode == "sigma" else "noise"]))
+    state["tokens"] = sorted(int(i) for i in (st.session_state.get(W["tokens"]) or []))
+    state["sweep"] = old["sweep"]
+    return state
+
+
+def publish(state: dict[str, Any]) -> None:
+    """Save the state and put it in the URL (a shared link reproduces the page)."""
+    st.session_state[STATE] = state
+    query = runcard.state_to_query(state)
+    if st.query_params.to_dict() != query:
+        st.query_params.from_dict(query)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def prompt_inputs(lm: tracing.LoadedModel) -> list[str] | None:
+    """Prompt and noised-token choice; the prompt's tokens, or None (error shown) if it is bad."""
+    st.text_area("Prompt", key=W["prompt"], height=68,
+                 help="The model continues this text; the heatmap shows which restored states "
+                      "bring back its prediction.")
+    c1, c2, c3 = st.columns([1.3, 2.2, 1.6])
+    c1.radio("Noise the tokens of", runcard.NOISE_BY, key=W["noise_by"], horizontal=True,
+             format_func={"subject": "a subject", "tokens": "my pick"}.get,
+             help="Type the subject (its tokens are found in the prompt), or click tokens.")
+    by_subject = st.session_state[W["noise_by"]] == "subject"
+    if by_subject:
+        c2.text_input("Subject (text inside the prompt)", key=W["subject"])
+        c3.radio("Which subject tokens", runcard.SUBJECT_TOKENS, key=W["subject_tokens"],
+                 horizontal=True, format_func={"all": "all (ROME)", "last": "last (the study)"}.get,
+                 help="ROME noises every subject token; the seed study noised only the last one.")
+    picker = st.container()  # token pills (pick mode), always at this place in the page
+    try:
+        tokens = token_strings(lm, tokenize(lm, st.session_state[W["prompt"]]))
+    except ValueError as exc:
+        common.show_error(exc, "Bad prompt")
+        return None
+    if not by_subject:
+        with picker:
+            _pick_tokens(tokens)
+    return tokens
+
+
+def _pick_tokens(tokens: list[str]) -> None:
+    picked = st.session_state.get(W["tokens"]) or []
+    bad = [i for i in picked if not 0 <= i < len(tokens)]
+    if bad:
+        st.error(f"Token index {bad[0]} is out of range: the prompt has {len(tokens)} tokens "
+                 f"(0..{len(tokens) - 1}). It was dropped.")
+        st.session_state[W["tokens"]] = [i for i in picked if 0 <= i < len(tokens)]
+    st.pills("Tokens to noise (click to toggle)", list(range(len(tokens))), selection_mode="multi",
+             key=W["tokens"], format_func=lambda i: f"{i} {charts.show_token(tokens[i])}")
+
+
+def token_chips(tokens: list[str], noised: list[int]) -> None:
+    """The prompt's tokens as chips with their indices; noised ones highlighted and starred."""
+    chips = []
+    for i, token in enumerate(tokens):
+        mark = "*" if i in noised else ""
+        chips.append(f'<span style="{CHIP_NOISED if mark else CHIP}"><span style="{CHIP_INDEX}">{i}'
+                     f"</span>{html.escape(charts.show_token(token))}{mark}</span>")
+    st.html(f'<div style="display:flex;flex-wrap:wrap;gap:5px">{"".join(chips)}</div>')
+
+
+def target_inputs() -> None:
+    c1, c2 = st.columns(2)
+    c1.text_input("Expected completion (empty: the clean top-1 token)", key=W["target"],
+                  help="Its first token is the target. Mind the leading space: ' Paris'.")
+    c2.text_input("Contrast completion (for the logit difference)", key=W["contrast"],
+                  help="Used only by the metric 'logit difference': logit(target) − logit(contrast), "
+                       "first token of each.")
+
+
+def noise_inputs(lm: tracing.LoadedModel) -> None:
+    """Noise slider (absolute or × embedding σ), corruption and replacement prompt."""
+    c1, c2, c3 = st.columns([3.2, 1.1, 1.6])
+    corruption = c3.radio("Corruption", CORRUPTIONS, key=W["corruption"], horizontal=True,
+                          format_func=CORRUPTION_NAMES.get,
+                          help="Gaussian: add N(0, level²) to the noised tokens' embeddings. "
+                               "Uniform: add U(−level, level). Replacement: run a second prompt "
+                               "with the same number of tokens instead.")
+    if corruption == "replace":
+        c1.text_input("Replacement prompt (same number of tokens)", key=W["replacement"],
+                      help="The corrupted run reads this prompt; e.g. swap the subject for "
+                           "another one with as many tokens.")
+        return
+    mode = c2.radio("Noise level in", runcard.NOISE_MODES, key=W["noise_mode"],
+                    format_func={"absolute": "absolute", "sigma": "× emb. σ"}.get,
+                    help="absolute: the standard deviation itself. × emb. σ: a multiple of the "
+                         "standard deviation of the token-embedding matrix (ROME used 3σ).")
+    what = "half-width" if corruption == "uniform" else "standard deviation"
+    if mode == "sigma":
+        sigma = embedding_sigma(lm)
+        c1.slider(f"Noise level: {what} in multiples of σ = {sigma:.4g}",
+                  *runcard.NOISE_RANGE["sigma"], step=0.05, key=W["noise_sigma"])
+    else:
+        c1.slider(f"Noise level ({what} added to the embeddings)", *runcard.NOISE_RANGE["absolute"],
+                  step=0.01, key=W["noise"],
+                  help="Default 0.4 = 3σ of this model's embeddings (ROME's rule). The seed study "
+                       "used 0.5 on GPT2-XL. Moving the slider re-traces at once.")
+
+
+def run_inputs(lm: tracing.LoadedModel) -> None:
+    """Kind, metric, samples, seed, window, layer convention."""
+    c1, c2, c3, c4, c5, c6 = st.columns([2.6, 1.5, 0.8, 0.9, 0.8, 1.4])
+    kind = c1.radio("Restore", runcard.KIND_CHOICES, key=W["kind"], horizontal=True,
+                    format_func=KIND_NAMES.get,
+                    help="Hidden: one clean hidden state per cell. MLP / attention: the clean "
+                         "outputs of a window of layers around the cell's layer.")
+    c2.selectbox("Metric", METRICS, key=W["metric"], format_func=METRIC_LABELS.get,
+                 help="normalised: (p − corrupted) / (clean − corrupted), as in the seed study.")
+    c3.number_input("Samples", *runcard.SAMPLES_RANGE, step=1, key=W["samples"],
+                    help="Noise draws averaged per cell (ROME: 10). Time grows with it; the page "
+                         "defaults to 3 to stay live on a CPU.")
+    c4.number_input("Seed", *runcard.SEED_RANGE, step=1, key=W["seed"])
+    c5.number_input("Window", *runcard.WINDOW_RANGE, step=1, key=W["window"],
+                    disabled=kind == "hidden", help="Layers restored together for MLP / attention.")
+    c6.radio("Layer l means", CONVENTIONS, key=W["convention"], format_func={"input": "entering block l",
+                                               "output": "leaving block l"}.get,
+             help="Hidden kind only. Entering: the seed study's convention. Leaving: ROME's.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks and requests
+
+
+def noised_tokens(lm: tracing.LoadedModel, state: dict[str, Any], tokens: list[str]) -> list[int] | None:
+    """The noised positions (chips and warnings shown), or None after showing an error."""
+    try:
+        noised = runcard.noised_positions(lm, state)
+    except ValueError as exc:
+        token_chips(tokens, [])
+        common.show_error(exc, "Cannot pick the noised tokens")
+        return None
+    if state["noise_by"] == "subject":
+        token_chips(tokens, noised)
+    if 0 in noised:
+        st.warning("The first token is noised. The seed study keeps it clean: its row then equals "
+                   "the corrupted run, a baseline for the others.")
+    if len(tokens) - 1 in noised:
+        st.warning("The last token is noised: nothing can move from the noised token into the final "
+                   "token, so there is no transition layer (the seed study avoids this).")
+    return noised
+
+
+def check_request(lm: tracing.LoadedModel, state: dict[str, Any], n_tokens: int) -> None:
+    """Raise ValueError for a bad target, contrast or replacement prompt (fast, before tracing)."""
+    if state["target"]:
+        answer_token(lm, state["target"], "expected completion")
+    if state["metric"] == "logit_diff":
+        if not state["contrast"]:
+            raise ValueError("The logit difference needs a contrast completion.")
+        answer_token(lm, state["contrast"], "contrast completion")
+    if state["corruption"] == "replace":
+        if not state["replacement"].strip():
+            raise ValueError("Token replacement needs a replacement prompt.")
+        n = len(tokenize(lm, state["replacement"]))
+        if n != n_tokens:
+            raise ValueError(f"The replacement prompt has {n} tokens; it must have as many as the "
+                             f"prompt ({n_tokens}).")
+
+
+def requests_for(lm: tracing.LoadedModel, state: dict[str, Any]) -> dict[str, runcard.TraceRequest]:
+    kinds = KINDS if state["kind"] == "all" else (state["kind"],)
+    return {kind: runcard.trace_request(lm, state, kind) for kind in kinds}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracing with progress and a stop button
+
+
+def _stop(key: str) -> None:
+    st.session_state[STOPPED] = key
+
+
+def _resume() -> None:
+    st.session_state.pop(STOPPED, None)
+
+
+def compute(lm: tracing.LoadedModel, request: runcard.TraceRequest, key: str, label: str,
+            slot: str) -> Trace:
+    """Run one trace with a progress bar and a Stop button; raises TraceCancelled when stopped."""
+    holder = st.empty()
+    box = holder.container()
+    bar = box.progress(0.0, text=f"{label}: clean and corrupted runs…")
+    box.button("Stop", key=f"trace_stop_{slot}", on_click=_stop, args=(key,),
+               icon=":material/stop_circle:", help="Stop this trace (the last result stays).")
+    started = time.perf_counter()
+
+    def progress(done: int, total: int) -> bool:
+        if st.session_state.get(STOPPED) == key:
+            return False
+        seconds = time.perf_counter() - started
+        left = f", about {seconds / done * (total - done):.0f} s left" if done else ""
+        bar.progress(done / total if total else 1.0,
+                     text=f"{label}: {done}/{total} restorations, {seconds:.0f} s{left}")
+        return True
+
+    rows = 8 * max(1, int(request.kwargs["samples"])) * max(1, len(lm.tokenizer(request.prompt)["input_ids"]))
+    try:
+        return causal_trace(lm, request.prompt, request.noised, progress=progress,
+                            token_rows_per_batch=rows, **request.kwargs)
+    finally:
+        holder.empty()
+
+
+def get_traces(lm: tracing.LoadedModel, requests: dict[str, runcard.TraceRequest],
+               slot: str = "main") -> tuple[dict[str, Trace], str] | None:
+    """Traces of every request (cache first); None if stopped. Raises ValueError for bad input."""
+    traces, sources = {}, []
+    for i, (kind, request) in enumerate(requests.items()):
+        key = trace_key(lm, request)
+        trace, source = lookup(key)
+        if trace is None:
+            if st.session_state.get(STOPPED) == key:
+                _stopped_note()
+                return None
+            st.session_state.pop(STOPPED, None)  # other settings now: the stop is over
+            label = f"Tracing {charts.KIND_LABELS[kind]}" + (f" ({i + 1}/{len(requests)})" if len(requests) > 1 else "")
+            try:
+                trace = compute(lm, request, key, label, f"{slot}_{kind}")
+            except TraceCancelled:
+                _stopped_note()
+                return None
+            remember(key, trace)
+            source = "computed"
+        traces[kind], sources = trace, sources + [source]
+    return traces, ("computed" if "computed" in sources else sources[0])
+
+
+def _stopped_note() -> None:
+    c1, c2 = st.columns([4, 1])
+    kept = " The last result stays below." if st.session_state.get(SHOWN) else ""
+    c1.info(f"Stopped.{kept} Change a setting, or trace these settings.")
+    c2.button("Trace these settings", on_click=_resume, key="trace_resume")
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+def chart_downloads(chart: Any, stem: str, data: pd.DataFrame) -> None:
+    """PNG, SVG and CSV buttons for a chart. Like ``common.chart_downloads``, but the files are
+    made when clicked (vl-convert takes about a second per chart on a busy CPU; paying it on every
+    rerun would make a cached noise level slow to show)."""
+    cols = st.columns([1, 1, 1, 6])
+    cols[0].download_button("PNG", lambda: charts.to_png(chart), f"{stem}.png", "image/png",
+                            key=f"{stem}-png", icon=":material/download:")
+    cols[1].download_button("SVG", lambda: charts.to_svg(chart), f"{stem}.svg", "image/svg+xml",
+                            key=f"{stem}-svg", icon=":material/download:")
+    cols[2].download_button("CSV", lambda: data.to_csv(index=False), f"{stem}.csv", "text/csv",
+                            key=f"{stem}-csv", icon=":material/download:")
+
+
+def metric_for(traces: dict[str, Trace], metric: str) -> str:
+    """The metric to draw (probability when a trace lacks the logit difference)."""
+    if all(metric != "logit_diff" or "logit_diff" in t.metrics for t in traces.values()):
+        return metric
+    st.warning("These traces have no logit difference (no contrast); showing the probability.")
+    return "prob"
+
+
+def target_note(trace: Trace) -> str:
+    given = trace.settings.get("target")
+    target = charts.quote_token(trace.target)
+    if given is None:
+        return f"Target {target} (id {trace.target_id}): the clean run's top-1 token."
+    if given == trace.target:
+        return f"Target {target} (id {trace.target_id}): the expected completion."
+    return (f"Target {target} (id {trace.target_id}): the first token of the expected completion "
+            f"{charts.quote_token(given)}.")
+
+
+def summary(trace: Trace, metric: str, source: str) -> None:
+    """Clean / corrupted values, best cell, transition layer, time."""
+    values = trace.metric(metric)
+    low, high = trace.metric_bounds(metric)
+    best = values.argmin() if metric in charts.LOWER_IS_BETTER else values.argmax()
+    t, layer = divmod(int(best), trace.n_layers)
+    transition = charts.transition_layer(trace, metric)
+    title = charts.metric_title(trace, metric)
+    cols = st.columns(5)
+    cols[0].metric(f"Clean {title}", f"{high:.4g}")
+    cols[1].metric(f"Corrupted {title}", f"{low:.4g}")
+    cols[2].metric("Best restoration", f"{values.flat[best]:.4g}",
+                   help=f"token {t} {charts.show_token(trace.tokens[t])}, layer {layer}")
+    cols[3].metric("Transition layer", "none" if transition is None else str(transition),
+                   help="First layer from which restoring the final token beats restoring the "
+                        "(last) noised token at every later layer.")
+    when = {"session": "cached (this session)", "store": "cached (result store)"}.get(
+        source, f"{trace.elapsed:.1f} s")
+    cols[4].metric("Computed in", f"{trace.elapsed:.1f} s", help=when)
+    st.caption(f"{target_note(trace)} Best cell: token {t} `{charts.show_token(trace.tokens[t])}`, "
+               f"layer {layer}. {'Loaded from the ' + when + '.' if source != 'computed' else ''}")
+
+
+def top_tables(trace: Trace) -> None:
+    c1, c2 = st.columns(2)
+    for col, name, top in ((c1, "Clean run", trace.clean_top),
+                           (c2, "Corrupted run (mean over samples)", trace.corrupted_top)):
+        frame = pd.DataFrame([(charts.quote_token(tok), p, "◀ target" if tok == trace.target else "")
+                              for tok, p in top], columns=["next token", "probability", ""])
+        col.markdown(f"**{name}: top 5**")
+        col.dataframe(frame, hide_index=True, width="stretch", column_config={
+            "probability": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0, format="%.4f")})
+
+
+def heatmap_tab(traces: dict[str, Trace], metric: str) -> None:
+    if len(traces) > 1:
+        chart = charts.kinds_side_by_side(traces, metric)
+        data = pd.concat([charts.trace_frame(t, metric).assign(kind=k) for k, t in traces.items()])
+    else:
+        trace = next(iter(traces.values()))
+        chart, data = charts.heatmap(trace, metric), charts.trace_frame(trace, metric)
+    st.altair_chart(chart, width="content")
+    st.caption("Rows: tokens (index, token; * = noised, ␣ = space). Columns: layers. Colour: the "
+               "metric with that one state restored, from the corrupted run's value (white) up. "
+               "Hover a cell for exact numbers.")
+    chart_downloads(chart, "trace_heatmap", data)
+
+
+def compact_tab(traces: dict[str, Trace], metric: str) -> None:
+    st.caption("Only the noised tokens and the final token, as in the seed study's figures. The "
+               "curves compare the noised token whose restoration helps most with the final token; "
+               "the transition layer is where restoring the final token starts to beat it for good.")
+    for kind, trace in traces.items():
+        if trace.last_token_noised:
+            st.info(f"{KIND_NAMES[kind]}: the final token is noised, so there is no compact view.")
+            continue
+        chart = charts.compact(trace, metric)
+        st.altair_chart(chart, width="content")
+        chart_downloads(chart, f"trace_compact_{kind}", charts.compact_frame(trace, metric))
+
+
+def export_tab(lm: tracing.LoadedModel, traces: dict[str, Trace], metric: str, state: dict) -> None:
+    facts = lm.facts()
+    model = {"name": facts["name"], "revision": facts["revision"], "family": facts["family"],
+             "dtype": facts["dtype"], "device": facts["device"]}
+    st.markdown("**Numbers with the run card** (model and revision, prompt, noised tokens, every "
+                "setting, package versions). Load a JSON export back below to reproduce the page.")
+    for kind, trace in traces.items():
+        stem = f"trace_{kind}_{_slug(trace.prompt)}_noise{trace.settings.get('noise', 0):g}"
+        page = {**state, "kind": kind}
+        c1, c2, c3 = st.columns([1, 1, 4], vertical_alignment="center")
+        c1.download_button(f"JSON · {KIND_NAMES[kind]}" if len(traces) > 1 else "JSON", _later(runcard.to_json, trace, metric, model, page),
+                           f"{stem}.json", "application/json", key=f"trace_json_{kind}",
+                           icon=":material/download:")
+        c2.download_button(f"CSV · {KIND_NAMES[kind]}" if len(traces) > 1 else "CSV", _later(runcard.to_csv, trace, metric, model),
+                           f"{stem}.csv", "text/csv", key=f"trace_csv_{kind}", icon=":material/download:")
+        with c3.expander(f"Run card ({KIND_NAMES[kind]})"):
+            st.json(runcard.run_card(trace, metric, model, page), expanded=1)
+
+
+def _later(function: Any, *args: Any) -> Any:
+    """A deferred download: ``function(*args)`` runs when the button is clicked."""
+    return lambda: function(*args)
+
+
+def _slug(text: str, limit: int = 24) -> str:
+    keep = "".join(c if c.isalnum() else "_" for c in text.strip())[:limit]
+    return keep.strip("_") or "prompt"
+
+
+def card_upload() -> None:
+    """Load a JSON run card back into the page (settings, and its numbers into the cache)."""
+    st.file_uploader("Load a JSON run card", type=["json"], key="trace_card_upload",
+                     on_change=_load_card)
+    message = st.session_state.get(CARD_MSG)
+    if message:
+        (st.error if message[0] == "error" else st.success)(message[1])
+
+
+def _load_card() -> None:
+    upload = st.session_state.get("trace_card_upload")
+    if upload is None:
+        st.session_state.pop(CARD_MSG, None)
+        return
+    lm = common.current_model()
+    try:
+        loaded = runcard.load_run_card(upload.getvalue(), lm)
+    except ValueError as exc:
+        st.session_state[CARD_MSG] = ("error", f"Could not load {upload.name}: {exc}")
+        return
+    apply_state(loaded.state)
+    st.session_state.pop(STOPPED, None)
+    if loaded.trace is not None:
+        _cache_loaded(lm, loaded)
+    st.session_state[CARD_MSG] = ("ok", f"Loaded {upload.name}: the page now shows its settings. "
+                                        + " ".join(loaded.notes))
+
+
+def _cache_loaded(lm: tracing.LoadedModel, loaded: runcard.LoadedCard) -> None:
+    """Put a loaded card's numbers in the session cache when they match its settings exactly."""
+    kind = loaded.trace.kind
+    try:
+        request = runcard.trace_request(lm, loaded.state, kind)
+    except ValueError as exc:
+        loaded.notes.append(f"Its settings do not make a trace here ({exc}).")
+        return
+    same = json.loads(json.dumps(request.settings)) == json.loads(json.dumps(loaded.trace.settings))
+    if same:
+        _remember(st.session_state.setdefault(CACHE, OrderedDict()), trace_key(lm, request),
+                  loaded.trace, SESSION_ITEMS)
+    else:
+        loaded.notes.append("Its numbers do not match its settings; the trace will be recomputed.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise sweep
+
+
+def sweep_tab(lm: tracing.LoadedModel, state: dict[str, Any], metric: str, ok: bool) -> None:
+    st.caption("The same trace at several noise levels, side by side on one colour scale (the seed "
+               "study compared 0.1, 0.3, 0.5 and 1.0). Every level is a full trace; each is cached.")
+    c1, c2 = st.columns([1, 3])
+    c1.toggle("Compute the sweep", key=W["sweep_on"])
+    c2.text_input("Noise levels (comma separated)", key=W["sweep"])
+    levels, problems = runcard.parse_state({"sweep": st.session_state[W["sweep"]],
+                                            "noise_mode": state["noise_mode"]})
+    if problems:
+        st.error(f"Bad noise levels: {problems[0]}")
+        return
+    state["sweep"] = levels["sweep"]
+    if state["corruption"] == "replace":
+        st.info("Token replacement has no noise level to sweep.")
+        return
+    if not state["sweep_on"]:
+        return
+    if not ok:
+        st.info("Fix the settings above to compute the sweep.")
+        return
+    kind = "hidden" if state["kind"] == "all" else state["kind"]
+    requests = {level: runcard.trace_request(lm, state, kind, noise=level) for level in state["sweep"]}
+    traces = {}
+    for level, request in requests.items():
+        got = get_traces(lm, {kind: request}, slot=f"sweep_{level:g}")
+        if got is None:
+            return
+        traces[level] = got[0][kind]
+    metric = metric_for(traces, metric)
+    chart = charts.noise_sweep(traces, metric)
+    st.altair_chart(chart, width="content")
+    data = pd.concat([charts.trace_frame(t, metric).assign(noise=level) for level, t in traces.items()])
+    chart_downloads(chart, "trace_noise_sweep", data)
+
+
+# ---------------------------------------------------------------------------------------------
+# The page
+
+
+def inputs(lm: tracing.LoadedModel) -> tuple[dict[str, Any], list[str] | None, list[int] | None]:
+    """Every input widget; the page state, the prompt's tokens and the noised positions."""
+    notes = st.container()  # fixed place for chips, errors and warnings (a stable layout)
+    with notes:
+        tokens = prompt_inputs(lm)
+        state = read_state()
+        noised = noised_tokens(lm, state, tokens) if tokens is not None else None
+    target_inputs()
+    noise_inputs(lm)
+    run_inputs(lm)
+    state = read_state()
+    return state, tokens, noised
+
+
+def trace_now(lm: tracing.LoadedModel, state: dict[str, Any], tokens, noised) -> bool:
+    """Trace the current settings (or load them); False if the inputs are bad or it stopped."""
+    if tokens is None or noised is None:
+        return False
+    try:
+        check_request(lm, state, len(tokens))
+        requests = requests_for(lm, state)
+        got = get_traces(lm, requests)
+    except ValueError as exc:
+        common.show_error(exc, "Cannot trace these settings")
+        return False
+    if got is None:
+        return False
+    traces, source = got
+    st.session_state[SHOWN] = dict(traces=traces, state=dict(state), model=lm.name, source=source)
+    return True
+
+
+def results(lm: tracing.LoadedModel, state: dict[str, Any], current: bool, ok: bool) -> None:
+    shown = st.session_state.get(SHOWN)
+    if shown is None:
+        return
+    if not current:
+        st.warning(f"Showing the last result that worked (model {shown['model']}, prompt "
+                   f"{shown['state']['prompt']!r}, noise {shown['state']['noise']:g}).")
+    traces = shown["traces"]
+    metric = metric_for(traces, state["metric"])
+    first = next(iter(traces.values()))
+    summary(first, metric, shown["source"] if current else "session")
+    top_tables(first)
+    tabs = st.tabs(["Heatmap", "Noised vs final token", "Noise sweep", "Export / load"])
+    with tabs[0]:
+        heatmap_tab(traces, metric)
+    with tabs[1]:
+        compact_tab(traces, metric)
+    with tabs[3]:
+        export_tab(lm, traces, metric, shown["state"])
+        card_upload()
+    with tabs[2]:
+        sweep_tab(lm, state, metric, ok and current)
+
+
+def main() -> None:
+    st.title("Causal trace of one prompt")
+    st.caption("Corrupt some input tokens with noise, then restore one clean state at a time and "
+               "see how much of the model's prediction comes back (Meng et al. 2022, ROME).")
+    lm = common.current_model()
+    with st.container():
+        for problem in restore_widgets():
+            st.warning(f"Link setting {problem}")
+    state, tokens, noised = inputs(lm)
+    publish(state)
+    st.divider()
+    with st.container():  # errors, progress and Stop: a fixed place above the results
+        ok = trace_now(lm, state, tokens, noised)
+        if st.session_state.get(SHOWN) is None and not ok:
+            if STOPPED not in st.session_state:
+                st.info("Nothing traced yet: fix the inputs above.")
+            card_upload()
+            return
+    results(lm, state, ok, ok)
+    publish(state)
+
+
+main()

@@ -1,0 +1,242 @@
+"""Batch tracing (resume, cancel, store) and the category analysis against hand-computed numbers."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import tracing.causal
+from tracing.__main__ import main
+from tracing.batch import (
+    PromptResult,
+    category_averages,
+    category_summary,
+    normalised_rows,
+    plan_batch,
+    prompt_table,
+    run_batch,
+    transition_layer,
+)
+from tracing.prompts import load_prompt_set, shipped_sets
+from tracing.store import ResultStore
+
+
+def fake(category: str, noised_row, final_row, low: float, high: float, correct: bool = True,
+         n_tokens: int = 4, noised: int = 1) -> PromptResult:
+    """A result whose trace has the given raw p rows (other rows 0)."""
+    scores = np.zeros((n_tokens, len(noised_row)))
+    scores[noised], scores[-1] = noised_row, final_row
+    top = [(" yes", high)] if correct else [(" no", 0.9)]
+    trace = SimpleNamespace(scores=scores, low=low, high=high, noised=[noised], tokens=["t"] * n_tokens,
+                            target=" yes", clean_top=top)
+    return PromptResult(0, category, "p", " yes", "s", status="computed", trace=trace)
+
+
+def hand_set() -> list[PromptResult]:
+    return [
+        # normalised: noised [1, .5, 0], final [0, .5, 1]; transition at layer 2 (0.3 > 0.3 is false)
+        fake("non_english", [0.5, 0.3, 0.1], [0.1, 0.3, 0.5], low=0.1, high=0.5),
+        # normalised: noised [1, 1, 0], final [0, .5, 1]; transition at layer 2
+        fake("non_english", [0.6, 0.6, 0.2], [0.2, 0.4, 0.6], low=0.2, high=0.6),
+        # normalised: noised [1, 0, 0], final [0, 1, 1]; transition at layer 1
+        fake("plain_english", [0.9, 0.1, 0.1], [0.1, 0.9, 0.9], low=0.1, high=0.9, n_tokens=6, noised=2),
+        # wrong top-1: only in averages without correct_only
+        fake("semantic", [0.5, 0.5, 0.5], [0.0, 0.0, 0.5], low=0.0, high=0.5, correct=False),
+        # noise barely matters (high - low = 0.01 < 0.05): never averaged
+        fake("semantic", [0.51, 0.5, 0.5], [0.5, 0.5, 0.51], low=0.5, high=0.51),
+        PromptResult(9, "semantic", "skipped prompt", " x", "nowhere", status="skipped", message="not found"),
+    ]
+
+
+def values(frame: pd.DataFrame, group: str, row: str, column: str) -> list[float]:
+    part = frame[(frame["group"] == group) & (frame["row"] == row)].sort_values("layer")
+    return list(part[column])
+
+
+# -- analysis ------------------------------------------------------------------------------------
+
+
+def test_normalised_rows_and_transition_layer():
+    r = hand_set()[0]
+    noised, final = normalised_rows(r.trace)
+    np.testing.assert_allclose(noised, [1.0, 0.5, 0.0])
+    np.testing.assert_allclose(final, [0.0, 0.5, 1.0])
+    assert transition_layer(r.trace) == 2
+    assert transition_layer(hand_set()[2].trace) == 1
+    assert transition_layer(fake("semantic", [1, 1], [0, 0], 0, 1).trace) is None
+    flat = fake("semantic", [0.2, 0.2], [0.2, 0.2], low=0.2, high=0.2)
+    assert np.isnan(normalised_rows(flat.trace)[0]).all()
+
+
+def test_category_averages_hand_computed():
+    avg = category_averages(hand_set())
+    assert list(dict.fromkeys(avg["group"])) == ["non_english", "plain_english", "semantic"]
+    np.testing.assert_allclose(values(avg, "non_english", "noised token", "mean"), [1.0, 0.75, 0.0])
+    np.testing.assert_allclose(values(avg, "non_english", "noised token", "std"), [0.0, np.sqrt(0.125), 0.0])
+    np.testing.assert_allclose(values(avg, "non_english", "noised token", "sem"), [0.0, 0.25, 0.0])
+    np.testing.assert_allclose(values(avg, "non_english", "final token", "mean"), [0.0, 0.5, 1.0])
+    assert values(avg, "non_english", "final token", "n") == [2, 2, 2]
+    # one prompt: std and sem undefined
+    assert np.isnan(values(avg, "plain_english", "noised token", "std")).all()
+    # semantic: only the wrong-top-1 prompt (the other has too small an effect)
+    np.testing.assert_allclose(values(avg, "semantic", "final token", "mean"), [0.0, 0.0, 1.0])
+    assert values(avg, "semantic", "final token", "n") == [1, 1, 1]
+    assert set(avg["label"]) == {"Non-English regurgitation", "Plain-English regurgitation", "Semantic recall"}
+
+
+def test_correct_only_combined_and_min_effect():
+    avg = category_averages(hand_set(), correct_only=True, combine_regurgitation=True)
+    assert set(avg["group"]) == {"regurgitation"}  # semantic: wrong or no effect, both out
+    np.testing.assert_allclose(values(avg, "regurgitation", "noised token", "mean"), [1.0, 0.5, 0.0])
+    np.testing.assert_allclose(values(avg, "regurgitation", "final token", "mean"), [0.0, 2 / 3, 1.0])
+    # noised layer 1 values 0.5, 1, 0: sample std 0.5
+    np.testing.assert_allclose(values(avg, "regurgitation", "noised token", "std")[1], 0.5)
+    np.testing.assert_allclose(values(avg, "regurgitation", "noised token", "sem")[1], 0.5 / np.sqrt(3))
+    loose = category_averages(hand_set(), correct_only=True, min_effect=0.0)
+    assert values(loose, "semantic", "noised token", "n") == [1, 1, 1]
+    np.testing.assert_allclose(values(loose, "semantic", "noised token", "mean"), [1.0, 0.0, 0.0])
+    assert category_averages([]).empty
+
+
+def test_prompt_table_and_summary():
+    table = prompt_table(hand_set())
+    assert len(table) == 6
+    first = table.iloc[0]
+    assert first["token_distance"] == 2 and first["noised_index"] == 1 and first["final_index"] == 3
+    assert first["clean_prob"] == 0.5 and first["corrupted_prob"] == 0.1 and bool(first["correct"])
+    assert first["transition_layer"] == 2
+    assert table.iloc[2]["token_distance"] == 3
+    assert table.iloc[5]["status"] == "skipped" and pd.isna(table.iloc[5]["clean_prob"])
+    summary = category_summary(hand_set())
+    ne = summary.set_index("group").loc["non_english"]
+    assert ne["prompts"] == 2 and ne["correct"] == 2
+    assert ne["clean_prob"] == pytest.approx(0.55) and ne["transition_layer"] == 2
+    assert list(category_summary(hand_set(), combine_regurgitation=True)["group"]) == ["regurgitation", "semantic"]
+
+
+# -- batches on a tiny random model --------------------------------------------------------------
+
+
+@pytest.fixture
+def three_prompts() -> pd.DataFrame:
+    frame = load_prompt_set(shipped_sets()["quick"])
+    return frame.groupby("category").head(1).reset_index(drop=True)
+
+
+SETTINGS = {"kind": "hidden", "noise": 0.5, "samples": 2}
+
+
+def test_cancel_midway_then_resume_computes_only_the_missing(tiny, tmp_path, three_prompts, monkeypatch):
+    lm = tiny("llama")
+    store = ResultStore(tmp_path)
+    calls: list[str] = []
+    real = tracing.causal.causal_trace
+
+    def counting(lm, prompt, *args, **kwargs):
+        calls.append(prompt)
+        return real(lm, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(tracing.causal, "causal_trace", counting)
+    finished: list[str] = []
+    first = run_batch(lm, three_prompts, SETTINGS, store, should_stop=lambda: len(finished) >= 1,
+                      progress=lambda done, total, r: finished.append(r.prompt))
+    assert first.cancelled
+    assert [r.status for r in first.results] == ["computed", "pending", "pending"]
+    assert calls == [three_prompts["prompt"][0]]
+
+    plan = plan_batch(lm, three_prompts, SETTINGS, store)
+    assert [r.status for r in plan] == ["stored", "pending", "pending"]
+
+    calls.clear()
+    second = run_batch(lm, three_prompts, SETTINGS, ResultStore(tmp_path))
+    assert not second.cancelled
+    assert [r.status for r in second.results] == ["stored", "computed", "computed"]
+    assert calls == list(three_prompts["prompt"][1:])
+    np.testing.assert_array_equal(second.results[0].trace.scores, first.results[0].trace.scores)
+
+    calls.clear()
+    third = run_batch(lm, three_prompts, SETTINGS, ResultStore(tmp_path))
+    assert third.counts == {"stored": 3} and calls == []
+    other = run_batch(lm, three_prompts.head(1), {**SETTINGS, "noise": 0.6}, store)
+    assert other.counts == {"computed": 1}  # new settings, new key
+
+
+def test_cancel_inside_a_prompt_stores_nothing_for_it(tiny, tmp_path, three_prompts):
+    lm = tiny("gpt2")
+    store = ResultStore(tmp_path)
+    seen: list[tuple[int, int]] = []
+
+    def cells(done: int, total: int) -> bool:
+        seen.append((done, total))
+        return done == 0  # stop after the first chunk of cells
+
+    batch = run_batch(lm, three_prompts, SETTINGS, store, prompt_progress=cells)
+    assert batch.cancelled
+    assert batch.results[0].status == "cancelled" and batch.results[0].trace is None
+    assert seen[0][0] == 0 and seen[0][1] > 0
+    assert not list(store.keys())
+
+
+def test_bad_rows_are_skipped_with_a_reason(tiny, tmp_path, three_prompts):
+    frame = three_prompts.copy()
+    frame.loc[1, "subject"] = "not there"
+    batch = run_batch(tiny("gpt2"), frame, SETTINGS, ResultStore(tmp_path))
+    assert [r.status for r in batch.results] == ["computed", "skipped", "computed"]
+    assert "not in the prompt" in batch.results[1].message
+    with pytest.raises(ValueError, match="target"):
+        run_batch(tiny("gpt2"), frame, SETTINGS, ResultStore(tmp_path), target="best")
+
+
+def test_target_expected_vs_top1(tiny, tmp_path, three_prompts):
+    lm = tiny("gpt2")
+    expected = run_batch(lm, three_prompts.head(1), SETTINGS, ResultStore(tmp_path)).results[0].trace
+    top1 = run_batch(lm, three_prompts.head(1), SETTINGS, ResultStore(tmp_path), target="top1").results[0].trace
+    assert expected.target == lm.tokenizer.decode([lm.tokenizer(three_prompts["expected"][0])["input_ids"][0]])
+    assert top1.target == top1.clean_top[0][0]
+
+
+def test_cli_prompts_command(tmp_path, capsys):
+    out = tmp_path / "checked.csv"
+    assert main(["prompts", str(shipped_sets()["quick"]), "--write", str(out)]) == 0
+    assert "9 prompts" in capsys.readouterr().out
+    assert len(load_prompt_set(out)) == 9
+    bad = tmp_path / "bad.csv"
+    bad.write_text("category,prompt\nsemantic,x\n")
+    assert main(["prompts", str(bad)]) == 2
+    assert "line 1" in capsys.readouterr().err
+
+
+# -- the embedded model --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_batch_layer0_sanity_and_store(embedded, tmp_path, three_prompts):
+    frame = three_prompts.head(2)
+    cold = run_batch(embedded, frame, {"samples": 2}, ResultStore(tmp_path))
+    assert cold.counts == {"computed": 2}
+    for r in cold.results:
+        noised, final = normalised_rows(r.trace)
+        assert noised[0] == pytest.approx(1.0, abs=1e-4)  # restoring the only noised token at layer 0
+        assert final[0] == pytest.approx(0.0, abs=1e-9)  # the final token's layer-0 input is clean
+        assert np.asarray(r.trace.scores).shape == (len(r.trace.tokens), embedded.n_layers)
+    warm = run_batch(embedded, frame, {"samples": 2}, ResultStore(tmp_path))
+    assert warm.counts == {"stored": 2} and warm.elapsed < cold.elapsed
+    table = prompt_table(warm.results)
+    assert table["correct"].all() and (table["effect"] > 0).all()
+
+
+@pytest.mark.slow
+def test_cli_batch_writes_the_store(embedded, tmp_path, capsys):
+    args = ["batch", "--prompts", str(shipped_sets()["quick"]), "--limit", "1", "--samples", "1",
+            "--store", str(tmp_path / "store"), "--table", str(tmp_path / "t.csv"),
+            "--averages", str(tmp_path / "a.csv")]
+    assert main(args) == 0
+    assert "computed" in capsys.readouterr().err
+    assert len(list(ResultStore(tmp_path / "store").keys())) == 1
+    assert len(pd.read_csv(tmp_path / "t.csv")) == 1
+    assert set(pd.read_csv(tmp_path / "a.csv")["row"]) == {"noised token", "final token"}
+    assert main(args) == 0
+    assert "stored" in capsys.readouterr().err

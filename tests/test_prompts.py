@@ -1,0 +1,224 @@
+"""Prompt sets: the shipped set, parsing good and malformed files, constraint flags, saving."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from tracing.prompts import (
+    CATEGORIES,
+    MAX_PROMPTS,
+    PromptSetError,
+    check_prompt_set,
+    expected_token_id,
+    load_prompt_set,
+    model_top1,
+    noised_positions,
+    parse_prompt_set,
+    prompt_set_to_csv,
+    save_prompt_set,
+    shipped_sets,
+)
+
+HEADER = "category,prompt,expected,subject,notes\n"
+
+
+def parse(body: str, header: str = HEADER, **kw) -> pd.DataFrame:
+    return parse_prompt_set(header + body, **kw)
+
+
+def error_of(text: str) -> PromptSetError:
+    with pytest.raises(PromptSetError) as info:
+        parse_prompt_set(text)
+    return info.value
+
+
+# -- the shipped sets ----------------------------------------------------------------------------
+
+
+def test_shipped_set_size_and_categories():
+    frame = load_prompt_set()
+    assert len(frame) >= 45
+    counts = frame["category"].value_counts()
+    assert set(counts.index) == set(CATEGORIES)
+    assert (counts >= 15).all()
+    assert list(frame.columns[:6]) == ["category", "prompt", "expected", "subject", "notes", "noised"]
+    assert "problems" in frame and (frame["problems"] == "").all()
+    assert frame["model_top1"].notna().all()
+    assert frame["model_top1"].mean() >= 0.8  # most of the set is right on the embedded model
+    assert not frame.duplicated(["prompt", "expected"]).any()
+
+
+def test_shipped_set_has_gpt2_prompts_from_the_seed():
+    frame = load_prompt_set()
+    pairs = set(zip(frame["prompt"], frame["expected"]))
+    assert ("From Wikipedia, the free", " encyclopedia") in pairs
+    assert ("The capital city of Wales is called", " Cardiff") in pairs
+    assert any(p.endswith(".co.") and e == "uk" for p, e in pairs)
+
+
+def test_shipped_sets_listed_default_first():
+    sets = shipped_sets()
+    assert list(sets)[0] == "default" and "quick" in sets
+    quick = load_prompt_set(sets["quick"])
+    assert set(quick["category"]) == set(CATEGORIES)
+
+
+# -- parsing -------------------------------------------------------------------------------------
+
+
+def test_parse_keeps_leading_spaces_quotes_and_aliases():
+    frame = parse(
+        'semantic,"The capital of France is"," Paris",France,capital\n'
+        '"Non-English regurgitation","a, b, c,"," d",b,"comma, inside"\n'
+        'Plain English,Once upon a, time,upon,\n'
+    )
+    assert list(frame["category"]) == ["semantic", "non_english", "plain_english"]
+    assert list(frame["expected"]) == [" Paris", " d", " time"]
+    assert frame.loc[1, "prompt"] == "a, b, c,"
+    assert frame.loc[1, "notes"] == "comma, inside"
+    assert (frame["problems"] == "").all()
+    assert frame["model_top1"].isna().all()
+
+
+def test_optional_columns_any_order_and_bom():
+    text = "\ufeffPrompt,Category,Expected,Subject,model_top1,noised\nOnce upon a,plain_english, time,upon,yes,1\n"
+    frame = parse_prompt_set(text)
+    assert frame.loc[0, "notes"] == ""
+    assert bool(frame.loc[0, "model_top1"]) is True
+    assert frame.loc[0, "noised"] == [1]
+
+
+def test_blank_lines_skipped_and_multiline_field_line_numbers():
+    text = HEADER + "\n" + 'semantic,"two\nlines",x,two,\n' + "\n" + "bogus,p,e,p,\n"
+    err = error_of(text)
+    # header line 1, blank line 2, the quoted field spans lines 3-4, blank 5, bad row on line 6
+    assert err.errors == [(6, "unknown category 'bogus' (use non_english, plain_english, semantic)")]
+    assert "line 6" in str(err)
+
+
+@pytest.mark.parametrize(
+    "text, line, fragment",
+    [
+        ("category,prompt,subject\nsemantic,a,a\n", 1, "missing column 'expected'"),
+        ("category,prompt,expected,subject,subject\n", 1, "appears twice"),
+        (HEADER + "semantic,a b,c,a\n", 2, "4 fields, the header has 5"),
+        (HEADER + "semantic,a b, c,a,\nsemantic,x y,z,x,,extra\n", 3, "6 fields"),
+        (HEADER + "semantic,,x,a,\n", 2, "empty prompt"),
+        (HEADER + "semantic,a b,,a,\n", 2, "empty expected"),
+        (HEADER + "trivia,a b,c,a,\n", 2, "unknown category 'trivia'"),
+        ("category,prompt,expected,subject,model_top1\nsemantic,a b,c,a,maybe\n", 2, "model_top1"),
+        ("category,prompt,expected,subject,noised\nsemantic,a b,c,a,first\n", 2, "noised must be"),
+    ],
+)
+def test_malformed_rows_name_their_line(text, line, fragment):
+    err = error_of(text)
+    assert isinstance(err, ValueError)
+    assert any(ln == line and fragment in msg for ln, msg in err.errors), err.errors
+    assert f"line {line}" in str(err)
+
+
+def test_every_bad_row_is_reported():
+    err = error_of(HEADER + "semantic,,x,a,\nfoo,a b,c,a,\nsemantic,ok,c,ok,\nsemantic,a b,,a,\n")
+    assert [line for line, _ in err.errors] == [2, 3, 5]
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", HEADER])
+def test_empty_files(text):
+    assert error_of(text).errors[0][0] == 0
+
+
+def test_too_many_rows_and_not_utf8(tmp_path):
+    rows = "".join(f"semantic,p{i} x,y,x,\n" for i in range(MAX_PROMPTS + 1))
+    assert "at most" in str(error_of(HEADER + rows))
+    path = tmp_path / "latin1.csv"
+    path.write_bytes((HEADER + "semantic,caf\xe9 x,y,x,\n").encode("latin-1"))
+    with pytest.raises(PromptSetError, match="not UTF-8"):
+        load_prompt_set(path)
+    with pytest.raises(PromptSetError, match="no such file"):
+        load_prompt_set(tmp_path / "missing.csv")
+
+
+def test_load_accepts_bytes_and_file_objects(tmp_path):
+    import io
+
+    data = (HEADER + "semantic,The capital of France is, Paris,France,\n").encode()
+    assert load_prompt_set(data).loc[0, "expected"] == " Paris"
+    assert load_prompt_set(io.BytesIO(data)).loc[0, "subject"] == "France"
+
+
+def test_constraint_breaks_are_flagged_not_dropped():
+    frame = parse(
+        "semantic,The capital of France is, Paris,Germany,\n"  # subject missing
+        "semantic,The capital of France, is,France,\n"  # subject ends the prompt
+        "semantic,The capital of France is, Paris,,\n"  # no subject
+        "semantic,The capital of France is, Paris,France,\n"  # fine
+        "semantic,The capital of France is, Paris,France,again\n"  # duplicate of line 5
+    )
+    assert len(frame) == 5
+    problems = list(frame["problems"])
+    assert "not in the prompt" in problems[0]
+    assert "last token" in problems[1]
+    assert "no subject" in problems[2]
+    assert problems[3] == ""
+    assert problems[4] == "duplicate of line 5"
+
+
+# -- saving --------------------------------------------------------------------------------------
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    frame = load_prompt_set()
+    path = save_prompt_set(frame, tmp_path / "copy.csv")
+    again = load_prompt_set(path)
+    pd.testing.assert_frame_equal(frame, again)
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_edited_frame_is_revalidated():
+    frame = load_prompt_set().head(3).copy()
+    frame.loc[1, "subject"] = "nowhere"
+    frame.loc[2, "notes"] = None
+    checked = check_prompt_set(frame)
+    assert "not in the prompt" in checked.loc[1, "problems"]
+    assert checked.loc[2, "notes"] == ""
+    frame.loc[0, "category"] = "nonsense"
+    with pytest.raises(PromptSetError, match="line 2"):
+        check_prompt_set(frame)
+    assert prompt_set_to_csv(frame).splitlines()[0].startswith('"category","prompt","expected"')
+
+
+# -- token level (the embedded model's tokenizer) -------------------------------------------------
+
+
+@pytest.mark.slow
+def test_noised_positions_last_subject_token(embedded):
+    assert noised_positions(embedded, "The Eiffel Tower is located in the city of", "Eiffel Tower") == [3]
+    assert noised_positions(embedded, "The capital city of Wales is called", "Wales") == [4]
+    assert noised_positions(embedded, "The capital city of Wales is called", " Wales ") == [4]
+    with pytest.raises(ValueError, match="not in the prompt"):
+        noised_positions(embedded, "The capital city of Wales is called", "Scotland")
+    assert expected_token_id(embedded, "The capital of France is", " Paris") == embedded.tokenizer(" Paris")["input_ids"][0]
+
+
+@pytest.mark.slow
+def test_token_constraints_with_model(embedded):
+    frame = parse(
+        "semantic,Paris is the capital of, France,Paris,\n"  # first token noised
+        "semantic,The capital of France is, Paris,France,\n",
+        lm=embedded,
+    )
+    assert frame.loc[0, "problems"] == "the first token would be noised"
+    assert frame.loc[1, "problems"] == ""
+
+
+@pytest.mark.slow
+def test_shipped_set_constraints_and_recorded_top1_hold(embedded):
+    from tracing.causal import subject_positions
+
+    frame = load_prompt_set(lm=embedded)
+    assert (frame["problems"] == "").all(), frame.loc[frame["problems"] != "", ["prompt", "problems"]]
+    for prompt, subject in zip(frame["prompt"], frame["subject"]):
+        assert noised_positions(embedded, prompt, subject) == subject_positions(embedded, prompt, subject, "last")
+    top = model_top1(embedded, frame)
+    assert list(top["correct"]) == list(frame["model_top1"].astype(bool))

@@ -1,0 +1,155 @@
+"""Command line: ``python -m tracing batch ...`` (headless batch tracing into the result store) and
+``python -m tracing prompts FILE`` (check a prompt set).
+
+Examples::
+
+    python -m tracing batch --model gpt2-xl --prompts prompts/default.csv --noise 0.5 --samples 10
+    python -m tracing batch --prompts my.csv --kind mlp --window 10 --table table.csv --averages avg.csv
+    python -m tracing prompts prompts/default.csv --model SmolLM2-135M-Instruct --write checked.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def _batch_parser(sub) -> None:
+    p = sub.add_parser("batch", help="trace every prompt of a set into the result store")
+    p.add_argument("--model", default=None, help="model name (default: the embedded model)")
+    p.add_argument("--prompts", default=None, help="prompt-set CSV (default: prompts/default.csv)")
+    p.add_argument("--kind", default="hidden", choices=["hidden", "mlp", "attn"])
+    p.add_argument("--noise", type=float, default=0.4, help="noise level (absolute std, or x sigma)")
+    p.add_argument("--noise-mode", default="absolute", choices=["absolute", "sigma"])
+    p.add_argument("--corruption", default="gaussian", choices=["gaussian", "uniform"])
+    p.add_argument("--samples", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--window", type=int, default=10, help="mlp/attn window")
+    p.add_argument("--convention", default="input", choices=["input", "output"])
+    p.add_argument("--target", default="expected", choices=["expected", "top1"],
+                   help="trace p(expected first token) or p(clean top-1 token)")
+    p.add_argument("--category", action="append", help="only these categories (repeatable)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--store", default=None, help="result-store folder (default: cache/results)")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--table", default=None, help="write the per-prompt table to this CSV")
+    p.add_argument("--averages", default=None, help="write the category averages to this CSV")
+    p.add_argument("--correct-only", action="store_true", help="averages over correct prompts only")
+    p.add_argument("--combine", action="store_true", help="combine the regurgitation categories")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _prompts_parser(sub) -> None:
+    p = sub.add_parser("prompts", help="check a prompt set (format, constraints, model top-1)")
+    p.add_argument("file", nargs="?", default=None, help="prompt-set CSV (default: the shipped set)")
+    p.add_argument("--model", default=None, help="also check tokens and top-1 with this model")
+    p.add_argument("--write", default=None, help="write the set with an updated model_top1 column")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m tracing`` argument parser."""
+    parser = argparse.ArgumentParser(prog="python -m tracing", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _batch_parser(sub)
+    _prompts_parser(sub)
+    return parser
+
+
+def _load(name: str | None, device: str | None = None, dtype: str | None = None):
+    from .models import DEFAULT_MODEL, load_model
+
+    lm = load_model(name or DEFAULT_MODEL, device=device, dtype=dtype)
+    print(f"model {lm.name} ({lm.n_layers} layers) on {lm.device}, {lm.dtype}", file=sys.stderr)
+    return lm
+
+
+def _select(frame, categories: list[str] | None, limit: int | None):
+    from .prompts import normalise_category
+
+    if categories:
+        keys = {normalise_category(c) or c for c in categories}
+        frame = frame[frame["category"].isin(keys)]
+    return frame.head(limit) if limit else frame
+
+
+def run_batch_command(args: argparse.Namespace) -> int:
+    """``batch``: trace the set, print progress and a summary, optionally write CSVs."""
+    from .batch import category_averages, category_summary, prompt_table, run_batch
+    from .prompts import load_prompt_set
+    from .store import ResultStore
+
+    frame = _select(load_prompt_set(args.prompts), args.category, args.limit)
+    lm = _load(args.model, args.device, args.dtype)
+    store = ResultStore(args.store)
+    settings = {
+        "kind": args.kind, "noise": args.noise, "noise_mode": args.noise_mode, "samples": args.samples,
+        "seed": args.seed, "window": args.window, "convention": args.convention,
+        "corruption": args.corruption,
+    }
+
+    def progress(done: int, total: int, result) -> None:
+        if not args.quiet:
+            extra = f" {result.seconds:.1f} s" if result.status == "computed" else ""
+            note = f" ({result.message})" if result.message else ""
+            print(f"[{done}/{total}] {result.status:9} {result.prompt!r}{extra}{note}", file=sys.stderr)
+
+    try:
+        batch = run_batch(lm, frame, settings, store, target=args.target, progress=progress)
+    except KeyboardInterrupt:
+        print("interrupted: finished prompts are stored; run again to resume", file=sys.stderr)
+        return 130
+    print(f"{len(batch.results)} prompts in {batch.elapsed:.1f} s: {batch.counts}; store {store.root}")
+    options = dict(correct_only=args.correct_only, combine_regurgitation=args.combine)
+    print(category_summary(batch.results, **options).to_string(index=False))
+    if args.table:
+        prompt_table(batch.results).to_csv(args.table, index=False)
+    if args.averages:
+        category_averages(batch.results, **options).to_csv(args.averages, index=False)
+    return 0
+
+
+def run_prompts_command(args: argparse.Namespace) -> int:
+    """``prompts``: load a set, report problems (and top-1 with a model), optionally rewrite it."""
+    from .prompts import load_prompt_set, model_top1, save_prompt_set
+
+    lm = _load(args.model) if args.model else None
+    frame = load_prompt_set(args.file, lm=lm)
+    counts = frame["category"].value_counts().to_dict()
+    print(f"{len(frame)} prompts: {counts}")
+    for line, row in zip(range(2, len(frame) + 2), frame.itertuples()):
+        if row.problems:
+            print(f"  line {line}: {row.prompt!r}: {row.problems}")
+    if lm is not None:
+        top = model_top1(lm, frame)
+        frame["model_top1"] = top["correct"].astype("boolean")
+        print(f"{int(top['correct'].sum())}/{len(frame)} right on {lm.name}")
+        for (prompt, expected), (_, t) in zip(frame[["prompt", "expected"]].values, top.iterrows()):
+            if not t["correct"]:
+                print(f"  wrong: {prompt!r} -> {t['top1']!r} (expected {expected!r}, p={t['expected_prob']:.3f})")
+    if args.write:
+        print(f"wrote {save_prompt_set(frame, Path(args.write))}")
+    return 1 if (frame["problems"] != "").any() else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m tracing``."""
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+    try:
+        code = run_batch_command(args) if args.command == "batch" else run_prompts_command(args)
+    except ValueError as exc:  # PromptSetError, ModelLoadError-like bad input
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # ModelLoadError
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "batch":
+        print(f"total {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

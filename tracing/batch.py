@@ -1,0 +1,317 @@
+"""Batch tracing of a prompt set, and the per-category analysis of the seed study.
+
+``run_batch`` traces every prompt of a set with one set of settings, reading finished traces from
+the result store and writing new ones to it, so an interrupted batch resumes where it stopped.
+The analysis functions work on its results: per prompt, the normalised trace rows of the noised
+token and of the final token (0 = corrupted run, 1 = clean run), averaged per category.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from .prompts import CATEGORIES, REGURGITATION, expected_token_id, resolve_noised
+from .store import ResultStore, canonical_settings
+
+COMBINED = "regurgitation"
+GROUP_LABELS = {**CATEGORIES, COMBINED: "Regurgitation (combined)"}
+ROWS = ("noised token", "final token")
+MIN_EFFECT = 0.05  # prompts whose clean - corrupted p is below this are left out of averages
+TARGETS = ("expected", "top1")
+
+BatchProgress = Callable[[int, int, "PromptResult"], "bool | None"]
+CellProgress = Callable[[int, int], "bool | None"]
+
+
+@dataclass
+class PromptResult:
+    """One prompt of a batch: its trace (when there is one) and what happened to it."""
+
+    index: Any
+    category: str
+    prompt: str
+    expected: str
+    subject: str
+    status: str = "pending"  # pending | stored | computed | skipped | failed | cancelled
+    trace: Any = None
+    key: str | None = None
+    message: str = ""
+    seconds: float = 0.0
+    settings: dict[str, Any] | None = None  # the full trace settings (with noised and target)
+
+
+@dataclass
+class BatchResult:
+    """All prompts of a batch, in prompt-set order."""
+
+    results: list[PromptResult]
+    settings: dict[str, Any]
+    cancelled: bool = False
+    elapsed: float = 0.0
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def traced(self) -> list[PromptResult]:
+        """The results that have a trace."""
+        return [r for r in self.results if r.trace is not None]
+
+
+def trace_settings(settings: dict[str, Any] | None) -> dict[str, Any]:
+    """Batch-wide trace settings (every setting but the per-prompt ``noised`` and ``target``)."""
+    settings = dict(settings or {})
+    for name in ("noised", "target"):
+        settings.pop(name, None)
+    canonical = canonical_settings({**settings, "noised": [0]})
+    return {k: v for k, v in canonical.items() if k not in ("noised", "target")}
+
+
+def _prepare(lm, row: pd.Series, index: Any, settings: dict[str, Any], target: str, store: ResultStore):
+    """(PromptResult, full settings or None) for one prompt-set row; looks the key up in the store."""
+    result = PromptResult(index, str(row["category"]), str(row["prompt"]), str(row["expected"]),
+                          str(row.get("subject", "") or ""))
+    try:
+        noised = resolve_noised(lm, result.prompt, result.subject, row.get("noised"))
+        target_id = expected_token_id(lm, result.prompt, result.expected) if target == "expected" else None
+        full = canonical_settings({**settings, "noised": noised, "target": target_id})
+    except ValueError as exc:
+        result.status, result.message = "skipped", str(exc)
+        return result, None
+    result.key, result.settings = store.key(lm, result.prompt, full), full
+    return result, full
+
+
+def plan_batch(lm, prompts: pd.DataFrame, settings: dict[str, Any] | None = None,
+               store: ResultStore | None = None, target: str = "expected") -> list[PromptResult]:
+    """Every prompt's key and status without computing: ``stored`` (with its trace), ``pending``
+    or ``skipped`` (with the reason)."""
+    store = store or ResultStore()
+    settings = trace_settings(settings)
+    out = []
+    for index, row in prompts.iterrows():
+        result, full = _prepare(lm, row, index, settings, _check_target(target), store)
+        if full is not None:
+            result.trace = store.get(result.key)
+            result.status = "stored" if result.trace is not None else "pending"
+        out.append(result)
+    return out
+
+
+def _check_target(target: str) -> str:
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(TARGETS)}, not '{target}'")
+    return target
+
+
+def run_batch(
+    lm,
+    prompts: pd.DataFrame,
+    settings: dict[str, Any] | None = None,
+    store: ResultStore | None = None,
+    *,
+    target: str = "expected",
+    progress: BatchProgress | None = None,
+    prompt_progress: CellProgress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> BatchResult:
+    """Trace every prompt of ``prompts`` (a prompt-set DataFrame) with one set of ``settings``.
+
+    ``target="expected"`` traces p(first token of the expected completion); ``"top1"`` the clean
+    top-1 token. Stored traces are reused and new ones stored. ``progress(done, total, result)``
+    is called after each prompt and ``prompt_progress(done, total)`` within one; either returning
+    False, or ``should_stop()`` returning True, cancels (finished prompts stay stored).
+    """
+    from .causal import TraceCancelled, causal_trace
+
+    started = time.perf_counter()
+    store = store or ResultStore()
+    plan = plan_batch(lm, prompts, settings, store, target)
+    stop = should_stop or (lambda: False)
+    batch = BatchResult(plan, {**trace_settings(settings), "target": target})
+
+    def cells(done: int, total: int) -> bool:
+        if stop():
+            return False
+        return prompt_progress is None or prompt_progress(done, total) is not False
+
+    for done, result in enumerate(plan, start=1):
+        if result.status == "pending":
+            if stop():
+                batch.cancelled = True
+                break
+            try:
+                _compute(lm, result, store, cells, causal_trace)
+            except TraceCancelled:
+                result.status, result.message = "cancelled", "cancelled"
+                batch.cancelled = True
+                break
+        if progress is not None and progress(done, len(plan), result) is False:
+            batch.cancelled = True
+            break
+    batch.elapsed = time.perf_counter() - started
+    batch.counts = pd.Series([r.status for r in plan]).value_counts().to_dict() if plan else {}
+    return batch
+
+
+def _compute(lm, result: PromptResult, store: ResultStore, cells: CellProgress, causal_trace) -> None:
+    """Trace one pending prompt and store it; ValueErrors mark it failed."""
+    started = time.perf_counter()
+    try:
+        trace = causal_trace(lm, result.prompt, progress=cells, **result.settings)
+    except ValueError as exc:
+        result.status, result.message = "failed", str(exc)
+        return
+    store.put(result.key, trace)
+    result.trace, result.status = trace, "computed"
+    result.seconds = time.perf_counter() - started
+
+
+# ---------------------------------------------------------------------------------------------
+# Analysis
+
+
+def group_of(category: str, combine_regurgitation: bool = False) -> str:
+    """The averaging group of a category (the two regurgitation ones merge when combined)."""
+    if combine_regurgitation and category in REGURGITATION:
+        return COMBINED
+    return category
+
+
+def group_label(group: str) -> str:
+    """Display name of an averaging group."""
+    return GROUP_LABELS.get(group, group)
+
+
+def noised_index(trace) -> int:
+    """The noised token the analysis follows: the last noised position."""
+    return int(max(trace.noised))
+
+
+def normalised_rows(trace) -> tuple[np.ndarray, np.ndarray]:
+    """(noised-token row, final-token row) of (p - low) / (high - low); NaN when high == low."""
+    scores = np.asarray(trace.scores, dtype=np.float64)
+    span = float(trace.high) - float(trace.low)
+    if abs(span) < 1e-12:
+        nan = np.full(scores.shape[1], np.nan)
+        return nan, nan.copy()
+    norm = (scores - float(trace.low)) / span
+    return norm[noised_index(trace)], norm[len(trace.tokens) - 1]
+
+
+def transition_layer(trace) -> int | None:
+    """First layer where restoring the final token beats restoring the noised token (raw p)."""
+    scores = np.asarray(trace.scores)
+    final, noised = scores[len(trace.tokens) - 1], scores[noised_index(trace)]
+    above = np.nonzero(final > noised)[0]
+    return int(above[0]) if len(above) else None
+
+
+def is_correct(trace) -> bool:
+    """Whether the clean top-1 token is the traced target."""
+    top_token, top_prob = trace.clean_top[0]
+    return top_token == trace.target and abs(float(top_prob) - float(trace.high)) < 1e-6
+
+
+def prompt_table(results: list[PromptResult]) -> pd.DataFrame:
+    """One row per prompt: probabilities, correctness, transition layer, noised->final distance."""
+    rows = []
+    for r in results:
+        row = {"category": r.category, "prompt": r.prompt, "expected": r.expected, "status": r.status,
+               "message": r.message}
+        if r.trace is not None:
+            t = r.trace
+            noised, final = noised_index(t), len(t.tokens) - 1
+            layer = transition_layer(t)
+            row.update(
+                target=t.target, noised_token=t.tokens[noised], noised_index=noised, final_index=final,
+                token_distance=final - noised, clean_prob=float(t.high), corrupted_prob=float(t.low),
+                effect=effect(t),
+                correct=is_correct(t), transition_layer=np.nan if layer is None else layer,
+                n_layers=int(np.asarray(t.scores).shape[1]),
+            )
+        rows.append(row)
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+TABLE_COLUMNS = [
+    "category", "prompt", "expected", "target", "noised_token", "noised_index", "final_index",
+    "token_distance", "clean_prob", "corrupted_prob", "effect", "correct", "transition_layer", "n_layers",
+    "status", "message",
+]
+AVERAGE_COLUMNS = ["group", "label", "row", "layer", "mean", "std", "sem", "n"]
+
+
+def effect(trace) -> float:
+    """How much noising lowers p(target): clean p minus corrupted p."""
+    return float(trace.high) - float(trace.low)
+
+
+def _selected(results: list[PromptResult], correct_only: bool, min_effect: float | None = None) -> list[PromptResult]:
+    """Traced results, optionally only those the model gets right and those noise clearly hurts."""
+    return [
+        r for r in results
+        if r.trace is not None
+        and (not correct_only or is_correct(r.trace))
+        and (min_effect is None or effect(r.trace) >= min_effect)
+    ]
+
+
+def category_averages(results: list[PromptResult], correct_only: bool = False,
+                      combine_regurgitation: bool = False, min_effect: float = MIN_EFFECT) -> pd.DataFrame:
+    """Per group, row (noised token / final token) and layer: mean, std (ddof=1), sem and n of the
+    normalised trace over prompts. Prompts where noise lowers p(target) by less than
+    ``min_effect`` are left out (their normalisation divides by almost nothing)."""
+    stacks: dict[str, dict[str, list[np.ndarray]]] = {}
+    for r in _selected(results, correct_only, min_effect):
+        noised, final = normalised_rows(r.trace)
+        if np.isnan(noised).all():
+            continue
+        group = stacks.setdefault(group_of(r.category, combine_regurgitation), {row: [] for row in ROWS})
+        group[ROWS[0]].append(noised)
+        group[ROWS[1]].append(final)
+    frames = [
+        _average_frame(group, row, np.vstack(arrays))
+        for group, by_row in _ordered(stacks).items()
+        for row, arrays in by_row.items()
+    ]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=AVERAGE_COLUMNS)
+
+
+def _ordered(stacks: dict[str, Any]) -> dict[str, Any]:
+    order = [*REGURGITATION, COMBINED, *(c for c in CATEGORIES if c not in REGURGITATION)]
+    return dict(sorted(stacks.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else 99, kv[0])))
+
+
+def _average_frame(group: str, row: str, values: np.ndarray) -> pd.DataFrame:
+    """Mean, sample std, standard error and count over prompts (axis 0) of [prompts, layers]."""
+    n = values.shape[0]
+    mean = values.mean(axis=0)
+    std = values.std(axis=0, ddof=1) if n > 1 else np.full(values.shape[1], np.nan)
+    return pd.DataFrame({
+        "group": group, "label": group_label(group), "row": row, "layer": np.arange(values.shape[1]),
+        "mean": mean, "std": std, "sem": std / np.sqrt(n), "n": n,
+    })
+
+
+def category_summary(results: list[PromptResult], correct_only: bool = False,
+                     combine_regurgitation: bool = False, min_effect: float = MIN_EFFECT) -> pd.DataFrame:
+    """Per group, over the prompts the averages use: how many, how many the model gets right,
+    mean clean p, mean and std of the transition layer, mean token distance."""
+    table = prompt_table(_selected(results, False, min_effect))
+    if table.empty:
+        return pd.DataFrame(columns=["group", "label", "prompts", "correct", "clean_prob",
+                                     "transition_layer", "transition_std", "token_distance"])
+    if correct_only:
+        table = table[table["correct"].astype(bool)]
+    table = table.assign(group=[group_of(c, combine_regurgitation) for c in table["category"]])
+    summary = table.groupby("group", sort=False).agg(
+        prompts=("prompt", "size"), correct=("correct", "sum"), clean_prob=("clean_prob", "mean"),
+        transition_layer=("transition_layer", "mean"), transition_std=("transition_layer", "std"),
+        token_distance=("token_distance", "mean"),
+    ).reset_index()
+    summary.insert(1, "label", [group_label(g) for g in summary["group"]])
+    order = list(_ordered({g: None for g in summary["group"]}))
+    return summary.set_index("group").loc[order].reset_index()

@@ -1,0 +1,407 @@
+"""Altair charts of causal traces (no Streamlit).
+
+- ``heatmap``: tokens down (noised tokens marked ``*``), layers across, ROME's palettes (hidden
+  purple, MLP green, attention red), exact numbers in tooltips, the legend titled with the metric
+  and target, e.g. ``p(" Paris")``.
+- ``compact``: only the (last) noised token and the final token, as in the seed study's figures,
+  with the transition layer (``transition_layer``).
+- ``noise_sweep``: the same trace at several noise levels on one colour scale.
+- ``kinds_side_by_side``: hidden / MLP / attention traces next to each other.
+
+Colour scales start at the corrupted run's value (ROME's ``vmin = low``): white = no better than
+the corrupted run. For the KL divergence, where lower is better, the scale is reversed.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+from .causal import METRIC_LABELS, Trace
+
+PALETTES = {"hidden": "purples", "mlp": "greens", "attn": "reds"}
+# ColorBrewer / matplotlib ramps (ROME's cmaps), from white: Vega's own schemes start tinted.
+RAMPS = {
+    "hidden": ["#fcfbfd", "#efedf5", "#dadaeb", "#bcbddc", "#9e9ac8", "#807dba", "#6a51a3",
+               "#54278f", "#3f007d"],
+    "mlp": ["#f7fcf5", "#e5f5e0", "#c7e9c0", "#a1d99b", "#74c476", "#41ab5d", "#238b45",
+            "#006d2c", "#00441b"],
+    "attn": ["#fff5f0", "#fee0d2", "#fcbba1", "#fc9272", "#fb6a4a", "#ef3b2c", "#cb181d",
+             "#a50f15", "#67000d"],
+}
+KIND_LABELS = {"hidden": "hidden state", "mlp": "MLP", "attn": "attention"}
+LOWER_IS_BETTER = {"kl"}
+ROW_COLORS = {"noised token": "#e6550d", "final token": "#3182bd"}
+CELL_WIDTH = 21
+CELL_HEIGHT = 24
+PLOT_BUDGET = 760  # px of plot width that composite charts spread over their panels
+MAX_TITLE = 90
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels
+
+
+def show_token(token: str) -> str:
+    """A token with visible whitespace: " Paris" -> "␣Paris"."""
+    return token.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥") or "∅"
+
+
+def quote_token(token: str) -> str:
+    """A token in double quotes with escaped newlines: " Paris" -> '" Paris"'."""
+    return '"' + token.replace("\n", "\\n").replace("\t", "\\t") + '"'
+
+
+def token_labels(trace: Trace) -> list[str]:
+    """One unique label per token: its index, the token, and ``*`` when it is noised."""
+    noised = set(trace.noised)
+    return [f"{i} {show_token(t)}{'*' if i in noised else ''}" for i, t in enumerate(trace.tokens)]
+
+
+def contrast_label(trace: Trace) -> str:
+    """The contrast answer of a logit-difference trace, as given."""
+    contrast = trace.settings.get("contrast")
+    if isinstance(contrast, str):
+        return quote_token(contrast)
+    return f"token {contrast}"
+
+
+def metric_title(trace: Trace, metric: str) -> str:
+    """Legend title of a metric for this trace's target, e.g. ``p(" Paris")``."""
+    target = quote_token(trace.target)
+    titles = {
+        "prob": f"p({target})",
+        "normalised": f"normalised p({target})",
+        "logprob": f"log p({target})",
+        "logit_diff": f"logit({target}) − logit({contrast_label(trace)})",
+        "kl": "KL(clean ‖ restored)",
+    }
+    if metric not in titles:
+        raise ValueError(f"Unknown metric '{metric}'.")
+    return titles[metric]
+
+
+def layer_title(trace: Trace) -> str:
+    """What a column of the heatmap means for this trace's kind and convention."""
+    if trace.kind == "hidden":
+        where = "entering" if trace.convention == "input" else "leaving"
+        return f"layer l: clean hidden state {where} block l restored"
+    return f"layer l: centre of {trace.window} restored {KIND_LABELS[trace.kind]} layers"
+
+
+def kind_title(trace: Trace) -> str:
+    """Chart title: what was restored."""
+    if trace.kind == "hidden":
+        return "Restoring one clean hidden state"
+    return f"Restoring clean {KIND_LABELS[trace.kind]} outputs ({trace.window}-layer window)"
+
+
+def noise_text(trace: Trace) -> str:
+    """The corruption in a few words: 'Gaussian noise σ = 0.4', 'replaced by ...'."""
+    s = trace.settings
+    corruption = s.get("corruption", "gaussian")
+    if corruption == "replace":
+        return f"tokens replaced by {_ellipsis(str(s.get('replacement')), 40)!r}"
+    level = f"{s.get('noise', 0):g}"
+    if s.get("noise_mode") == "sigma":
+        level = f"{level} × embedding σ = {trace.noise_std:.3g}"
+    name = "uniform noise ±" if corruption == "uniform" else "Gaussian noise σ = "
+    return f"{name}{level}, {s.get('samples')} samples, seed {s.get('seed')}"
+
+
+def _ellipsis(text: str, limit: int) -> str:
+    text = text.replace("\n", "↵")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def trace_frame(trace: Trace, metric: str = "prob") -> pd.DataFrame:
+    """Long table, one row per (token, layer): the chosen metric as ``value`` plus every metric."""
+    values = trace.metric(metric)
+    labels = token_labels(trace)
+    n_tokens, n_layers = values.shape
+    tokens, layers = np.meshgrid(np.arange(n_tokens), np.arange(n_layers), indexing="ij")
+    frame = pd.DataFrame({
+        "token_index": tokens.ravel(),
+        "token": [trace.tokens[i] for i in tokens.ravel()],
+        "label": [labels[i] for i in tokens.ravel()],
+        "noised": np.isin(tokens.ravel(), trace.noised),
+        "layer": layers.ravel(),
+        "value": values.ravel().astype(float),
+    })
+    for name in ("prob", "normalised", "logprob", "kl", "logit_diff"):
+        if name == "normalised" or name in trace.metrics:
+            frame[name] = trace.metric(name).ravel().astype(float)
+    return frame
+
+
+def metric_domain(traces: Sequence[Trace], metric: str) -> list[float]:
+    """Colour domain shared by ``traces``: from the corrupted run's value to the best cell."""
+    lows = [trace.metric_bounds(metric)[0] for trace in traces]
+    values = np.concatenate([trace.metric(metric).ravel() for trace in traces])
+    if metric in LOWER_IS_BETTER:
+        low, high = float(np.nanmin(values)), float(max(lows))
+    else:
+        low, high = float(min(lows)), float(np.nanmax(values))
+    if not high > low:
+        high = low + 1e-9
+    return [low, high]
+
+
+# ---------------------------------------------------------------------------------------------
+# Heatmaps
+
+
+def color_scale(kind: str, metric: str, domain: Sequence[float]) -> alt.Scale:
+    """The kind's ramp (white = the corrupted run's value) spread over ``domain``, clamped."""
+    ramp = RAMPS[kind][::-1] if metric in LOWER_IS_BETTER else RAMPS[kind]
+    stops = np.linspace(float(domain[0]), float(domain[1]), len(ramp)).tolist()
+    return alt.Scale(domain=stops, range=ramp, clamp=True, interpolate="lab")
+
+
+def _color(trace: Trace, metric: str, domain: Sequence[float], legend: bool,
+           length: int | None = None, bottom: bool = False) -> alt.Color:
+    if not legend:
+        return alt.Color("value:Q", scale=color_scale(trace.kind, metric, domain), legend=None)
+    length = length or max(120, CELL_HEIGHT * len(trace.tokens))
+    where = dict(orient="bottom", direction="horizontal") if bottom else dict(orient="right")
+    legend_spec = alt.Legend(title=metric_title(trace, metric), gradientLength=length,
+                             format=".3~g", titleLimit=400, **where)
+    return alt.Color("value:Q", scale=color_scale(trace.kind, metric, domain), legend=legend_spec)
+
+
+def _cell_width(n_layers: int, panels: int) -> int:
+    """Cell width that fits ``panels`` heatmaps of ``n_layers`` side by side on a page."""
+    return int(max(4, min(CELL_WIDTH, PLOT_BUDGET // (panels * n_layers))))
+
+
+def _tooltip(trace: Trace, metric: str) -> list[alt.Tooltip]:
+    tips = [alt.Tooltip("token_index:Q", title="token #"), alt.Tooltip("token:N", title="token"),
+            alt.Tooltip("noised:N", title="noised"), alt.Tooltip("layer:Q", title="layer"),
+            alt.Tooltip("value:Q", title=metric_title(trace, metric), format=".6g")]
+    if metric != "prob":
+        tips.append(alt.Tooltip("prob:Q", title=f"p({quote_token(trace.target)})", format=".6g"))
+    return tips
+
+
+def _pad(chart: alt.TopLevelMixin) -> alt.TopLevelMixin:
+    """Natural size (the plot gets its width and height; titles and legends add to them): Streamlit
+    otherwise squeezes everything into the width and height ("fit")."""
+    return chart.properties(autosize=alt.AutoSizeParams(type="pad", contains="padding"))
+
+
+def heatmap(trace: Trace, metric: str = "prob", **options) -> alt.Chart:
+    """ROME-style heatmap of one trace in one metric (options: see ``heatmap_layer``)."""
+    return _pad(heatmap_layer(trace, metric, **options))
+
+
+def heatmap_layer(trace: Trace, metric: str = "prob", *, domain: Sequence[float] | None = None,
+                  title: str | None = None, subtitle: list[str] | None = None,
+                  legend: bool = True, legend_bottom: bool = False, y_labels: bool = True,
+                  x_title: str | None = None, cell_width: int = CELL_WIDTH,
+                  cell_height: int = CELL_HEIGHT) -> alt.Chart:
+    """The heatmap without top-level settings, for composing: colour ``domain`` (default from the
+    corrupted run's value to the best cell), titles, legend, y labels and cell size."""
+    data = trace_frame(trace, metric)
+    domain = domain or metric_domain([trace], metric)
+    low, high = trace.metric_bounds(metric)
+    if subtitle is None:
+        subtitle = [f"{_ellipsis(trace.prompt, MAX_TITLE)}  ·  * = noised",
+                    f"{noise_text(trace)}  ·  corrupted {low:.4g}, clean {high:.4g}"]
+    width = cell_width * trace.n_layers
+    y = alt.Y("label:N", sort=token_labels(trace), title=None,
+              axis=alt.Axis(labels=y_labels, ticks=y_labels, labelLimit=160))
+    step = 1 if cell_width >= 16 else 2 if cell_width >= 9 else 5
+    x = alt.X("layer:O", title=x_title or layer_title(trace),
+              axis=alt.Axis(labelAngle=0, titleLimit=width + 40,
+                            values=list(range(0, trace.n_layers, step))))
+    color = _color(trace, metric, domain, legend, length=int(width * 0.7) if legend_bottom else None,
+                   bottom=legend_bottom)
+    chart = alt.Chart(data).mark_rect(stroke="white", strokeWidth=0.3).encode(
+        x=x, y=y, color=color, tooltip=_tooltip(trace, metric))
+    return chart.properties(
+        width=width, height=cell_height * len(trace.tokens),
+        title=alt.TitleParams(title or kind_title(trace), subtitle=subtitle, anchor="start",
+                              subtitleColor="#555"))
+
+
+SHORT_KIND = {"hidden": "Hidden states", "mlp": "MLP outputs", "attn": "Attention outputs"}
+
+
+def kinds_side_by_side(traces: Mapping[str, Trace], metric: str = "prob") -> alt.HConcatChart:
+    """Hidden, MLP and attention traces next to each other, each on its own palette."""
+    first = next(iter(traces.values()))
+    width = _cell_width(first.n_layers, len(traces))
+    charts = []
+    for i, trace in enumerate(traces.values()):
+        window = "" if trace.kind == "hidden" else f" (window {trace.window})"
+        charts.append(heatmap_layer(
+            trace, metric, title=SHORT_KIND[trace.kind] + window, subtitle=[], legend_bottom=True,
+            y_labels=i == 0, x_title="layer" if trace.kind == "hidden" else "centre layer",
+            cell_width=width, cell_height=CELL_HEIGHT - 4))
+    return _pad(alt.hconcat(*charts).resolve_scale(color="independent")).properties(
+        title=alt.TitleParams(
+            "Restoring hidden states, MLP outputs and attention outputs",
+            subtitle=[f"{_ellipsis(first.prompt, MAX_TITLE)}  ·  * = noised", noise_text(first)],
+            anchor="start", subtitleColor="#555"))
+
+
+def noise_sweep(traces: Mapping[float, Trace], metric: str = "prob",
+                per_row: int = 2) -> alt.VConcatChart:
+    """The same trace at several noise levels on one colour scale, ``per_row`` panels a row."""
+    if not traces:
+        raise ValueError("The noise sweep needs at least one noise level.")
+    ordered = [traces[k] for k in sorted(traces)]
+    domain = metric_domain(ordered, metric)
+    per_row = max(1, min(per_row, len(ordered)))
+    width = _cell_width(ordered[0].n_layers, per_row)
+    panels = []
+    for i, trace in enumerate(ordered):
+        low = trace.metric_bounds(metric)[0]
+        level = trace.settings.get("noise", 0)
+        unit = " × σ" if trace.settings.get("noise_mode") == "sigma" else ""
+        panels.append(heatmap_layer(
+            trace, metric, domain=domain, title=f"noise {level:g}{unit}",
+            subtitle=[f"corrupted {low:.4g}"], legend=i == 0, y_labels=i % per_row == 0,
+            x_title="layer", cell_width=width, cell_height=CELL_HEIGHT - 4))
+    rows = [alt.hconcat(*panels[i:i + per_row]) for i in range(0, len(panels), per_row)]
+    first = ordered[0]
+    return _pad(alt.vconcat(*rows).resolve_scale(color="shared")).properties(
+        title=alt.TitleParams(
+            f"{kind_title(first)} at several noise levels (one colour scale)",
+            subtitle=[_ellipsis(first.prompt, MAX_TITLE) + "  ·  * = noised",
+                      f"{first.settings.get('samples')} samples, seed {first.settings.get('seed')}"],
+            anchor="start", subtitleColor="#555"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Noised token vs final token
+
+
+def strongest_noised(trace: Trace, metric: str = "prob") -> int:
+    """The noised token (not the final one) whose restoration helps most on average."""
+    candidates = [i for i in trace.noised if i != len(trace.tokens) - 1]
+    if not candidates:
+        raise ValueError("Only the final token is noised: there is no noised token to compare.")
+    means = trace.metric(metric)[candidates].mean(axis=1)
+    return candidates[int(means.argmin() if metric in LOWER_IS_BETTER else means.argmax())]
+
+
+def transition_layer(trace: Trace, metric: str = "prob", token: int | None = None) -> int | None:
+    """First layer from which restoring the final token beats restoring the noised token at every
+    later layer (the seed study's "transition"); None when it never does, or when the final token
+    is itself noised. ``token`` defaults to the strongest noised token (``strongest_noised``)."""
+    if trace.last_token_noised or not trace.noised:
+        return None
+    values = trace.metric(metric)
+    noised = values[strongest_noised(trace, metric) if token is None else token]
+    final = values[-1]
+    beats = final < noised if metric in LOWER_IS_BETTER else final > noised
+    if not beats[-1]:
+        return None
+    losing = np.flatnonzero(~beats)
+    return int(losing[-1] + 1) if len(losing) else 0
+
+
+def compact_frame(trace: Trace, metric: str = "prob") -> pd.DataFrame:
+    """Rows of the noised tokens and the final token, long: row, label, token_index, token, layer,
+    value, prob. ``row`` is "noised token" for the strongest noised token, "final token" for the
+    last one and "other noised token" for the rest."""
+    values = trace.metric(metric)
+    final = len(trace.tokens) - 1
+    strongest = strongest_noised(trace, metric)
+    parts = []
+    for index in [i for i in trace.noised if i != final] + [final]:
+        row = ("final token" if index == final else
+               "noised token" if index == strongest else "other noised token")
+        name = "final" if index == final else "noised"
+        parts.append(pd.DataFrame({
+            "row": row, "token_index": index, "token": trace.tokens[index],
+            "label": f"{name}: {index} {show_token(trace.tokens[index])}",
+            "layer": np.arange(trace.n_layers), "value": values[index].astype(float),
+            "prob": trace.scores[index].astype(float)}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def compact(trace: Trace, metric: str = "prob", width: int | None = None) -> alt.VConcatChart:
+    """Heatmap rows of the noised tokens and the final token over the curves of the strongest
+    noised token and the final token, with the transition layer."""
+    data = compact_frame(trace, metric)
+    width = width or CELL_WIDTH * trace.n_layers
+    layer = transition_layer(trace, metric)
+    title = metric_title(trace, metric)
+    order = list(dict.fromkeys(data["label"]))
+    tips = [alt.Tooltip("label:N", title="row"), alt.Tooltip("layer:Q", title="layer"),
+            alt.Tooltip("value:Q", title=title, format=".6g")]
+    x = alt.X("layer:O", title=None, axis=alt.Axis(labelAngle=0, labelOverlap=True))
+    cells = alt.Chart(data).mark_rect(stroke="white", strokeWidth=0.3).encode(
+        x=x, y=alt.Y("label:N", sort=order, title=None, axis=alt.Axis(labelLimit=200)),
+        color=_color(trace, metric, metric_domain([trace], metric), legend=True, length=60),
+        tooltip=tips,
+    ).properties(width=width, height=CELL_HEIGHT * len(order))
+    strongest = data.loc[data["row"] == "noised token", "label"].iloc[0]
+    lines = _compact_lines(data[data["row"] != "other noised token"], trace, metric, layer, width)
+    said = (f"transition at layer {layer}" if layer is not None
+            else "no transition: restoring the final token never wins for good")
+    return _pad(alt.vconcat(cells, lines).resolve_scale(color="independent")).properties(title=alt.TitleParams(
+        f"Noised token vs final token ({KIND_LABELS[trace.kind]})",
+        subtitle=[_ellipsis(trace.prompt, MAX_TITLE),
+                  f"{noise_text(trace)}  ·  {said} (against {strongest})"],
+        anchor="start", subtitleColor="#555"))
+
+
+def _compact_lines(data: pd.DataFrame, trace: Trace, metric: str, layer: int | None,
+                   width: int) -> alt.LayerChart:
+    title = metric_title(trace, metric)
+    low, high = trace.metric_bounds(metric)
+    color = alt.Color("row:N", title=None, scale=alt.Scale(domain=list(ROW_COLORS),
+                                                             range=list(ROW_COLORS.values())),
+                      legend=alt.Legend(orient="bottom", symbolType="stroke"))
+    tips = ["row:N", "token:N", "layer:Q", alt.Tooltip("value:Q", title=title, format=".6g")]
+    x = alt.X("layer:Q", title=layer_title(trace), scale=alt.Scale(domain=[0, trace.n_layers - 1],
+                                                                    nice=False),
+              axis=alt.Axis(tickMinStep=1, format="d"))
+    lines = alt.Chart(data).mark_line(point=alt.OverlayMarkDef(size=18)).encode(
+        x=x, y=alt.Y("value:Q", title=title), color=color, tooltip=tips)
+    bounds = pd.DataFrame({"y": [low, high], "what": ["corrupted run", "clean run"]})
+    rules = alt.Chart(bounds).mark_rule(strokeDash=[2, 2], color="#999").encode(
+        y="y:Q", tooltip=[alt.Tooltip("what:N", title=""), alt.Tooltip("y:Q", format=".6g", title=title)])
+    layers = [rules, lines]
+    if layer is not None:
+        mark = pd.DataFrame({"layer": [layer], "text": [f"transition: layer {layer}"]})
+        base = alt.Chart(mark).encode(x="layer:Q")
+        layers += [base.mark_rule(color="black", strokeDash=[5, 3], strokeWidth=1.5),
+                   base.mark_text(align="left", dx=4, dy=-4, baseline="top", fontSize=11).encode(
+                       text="text:N", y=alt.value(0))]
+    return alt.layer(*layers).properties(width=width, height=170)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+def to_png(chart: alt.TopLevelMixin, scale: float = 2) -> bytes:
+    """PNG bytes of a chart (vl-convert)."""
+    import vl_convert as vlc
+
+    return vlc.vegalite_to_png(chart.to_json(), scale=scale)
+
+
+def to_svg(chart: alt.TopLevelMixin) -> str:
+    """SVG text of a chart (vl-convert)."""
+    import vl_convert as vlc
+
+    return vlc.vegalite_to_svg(chart.to_json())
+
+
+__all__ = [
+    "METRIC_LABELS", "PALETTES", "compact", "compact_frame", "heatmap", "kinds_side_by_side",
+    "metric_domain", "metric_title", "noise_sweep", "to_png", "to_svg", "token_labels",
+    "trace_frame", "transition_layer",
+]

@@ -1,0 +1,228 @@
+"""On-disk result store for traces: JSON metadata + safetensors arrays, atomic, versioned, no pickle.
+
+Layout: ``root/<key[:2]>/<key>.json`` and ``root/<key[:2]>/<key>.safetensors``. The key is the
+sha256 of a canonical JSON of the model (name, revision, dtype), the prompt and every trace setting.
+The JSON holds the format version, the trace metadata and sha256 checksums of itself and of the
+arrays file. Each file is written to a temporary name and renamed into place (arrays first), so a
+reader never sees a partial or mixed entry: an interrupted write reads as missing. An entry whose checksum, version or content
+does not match is logged as a warning and treated as missing (it is recomputed and overwritten).
+A small in-memory LRU layer sits in front of the disk. All methods are thread-safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .models import cache_root
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_KEY = re.compile(r"^[0-9a-f]{64}$")
+SETTING_DEFAULTS: dict[str, Any] = {
+    "kind": "hidden",
+    "noise": 0.4,
+    "samples": 10,
+    "seed": 0,
+    "target": None,
+    "window": 10,
+    "corruption": "gaussian",
+    "noise_mode": "absolute",
+    "replacement": None,
+    "contrast": None,
+    "convention": "input",
+    "noised": None,
+}
+_FLOATS = ("noise",)
+_INTS = ("samples", "seed", "window")
+
+
+def canonical_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Every trace setting with defaults filled in and types normalised (for stable keys)."""
+    unknown = set(settings) - set(SETTING_DEFAULTS)
+    if unknown:
+        raise ValueError(f"Unknown trace settings: {', '.join(sorted(unknown))}")
+    out = {**SETTING_DEFAULTS, **settings}
+    for name in _FLOATS:
+        out[name] = float(out[name])
+        if not math.isfinite(out[name]):
+            raise ValueError(f"{name} must be finite")
+    for name in _INTS:
+        out[name] = int(out[name])
+    if out["noised"] is None:
+        raise ValueError("settings need the noised token indices ('noised')")
+    out["noised"] = sorted({int(i) for i in out["noised"]})
+    for name in ("target", "contrast"):
+        if isinstance(out[name], (np.integer, bool)):
+            out[name] = int(out[name])
+    return out
+
+
+def _canonical_json(value: Any, allow_nan: bool = False) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=allow_nan)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def model_identity(lm) -> dict[str, str]:
+    """What identifies a model's numbers: name, revision and dtype."""
+    return {
+        "name": str(getattr(lm, "name", "")),
+        "revision": str(getattr(lm, "revision", "")),
+        "dtype": str(getattr(lm, "dtype", "")).replace("torch.", ""),
+    }
+
+
+def result_key(lm, prompt: str, settings: dict[str, Any]) -> str:
+    """sha256 hex key of (model identity, prompt, canonical settings, store format)."""
+    payload = {
+        "format": FORMAT_VERSION,
+        "model": model_identity(lm),
+        "prompt": prompt,
+        "settings": canonical_settings(settings),
+    }
+    return _sha256(_canonical_json(payload).encode("utf-8"))
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ResultStore:
+    """Traces on disk by key, with an in-memory LRU in front. ``root`` defaults to
+    ``cache_root()/results``."""
+
+    def __init__(self, root: str | os.PathLike | None = None, memory_items: int = 512) -> None:
+        self.root = Path(root) if root is not None else cache_root() / "results"
+        self.memory_items = memory_items
+        self._memory: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # -- keys and paths -------------------------------------------------------------------------
+
+    def key(self, lm, prompt: str, settings: dict[str, Any]) -> str:
+        """The key of a trace of ``prompt`` on ``lm`` with ``settings`` (see ``result_key``)."""
+        return result_key(lm, prompt, settings)
+
+    def _paths(self, key: str) -> tuple[Path, Path]:
+        if not isinstance(key, str) or not _KEY.match(key):
+            raise ValueError(f"Invalid result key {key!r}: expected 64 lowercase hex characters.")
+        folder = self.root / key[:2]
+        return folder / f"{key}.json", folder / f"{key}.safetensors"
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def __contains__(self, key: str) -> bool:
+        return self.get(key) is not None
+
+    def get(self, key: str):
+        """The stored ``Trace`` or None (missing, corrupted or from another format version)."""
+        with self._lock:
+            if key in self._memory:
+                self._memory.move_to_end(key)
+                return self._memory[key]
+        trace = self._read(key)
+        if trace is not None:
+            self._remember(key, trace)
+        return trace
+
+    def _read(self, key: str):
+        meta_path, array_path = self._paths(key)
+        if not meta_path.is_file():
+            return None
+        try:
+            meta = self._read_meta(key, meta_path)
+            data = array_path.read_bytes()
+            if _sha256(data) != meta["arrays_sha256"]:
+                raise ValueError("the arrays file does not match its checksum")
+            from safetensors.numpy import load
+
+            from .causal import Trace
+
+            return Trace.from_record(meta["trace"], load(data))
+        except Exception as exc:  # noqa: BLE001 - any damage means: recompute
+            log.warning("Ignoring damaged result %s (%s); it will be recomputed.", key, exc)
+            return None
+
+    def _read_meta(self, key: str, path: Path) -> dict[str, Any]:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        if meta.get("format") != FORMAT_VERSION:
+            raise ValueError(f"format version {meta.get('format')!r}, this program reads {FORMAT_VERSION}")
+        if meta.get("key") != key:
+            raise ValueError("the entry belongs to another key")
+        if _sha256(_canonical_json(meta["trace"], True).encode("utf-8")) != meta.get("trace_sha256"):
+            raise ValueError("the metadata does not match its checksum")
+        return meta
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def put(self, key: str, trace) -> None:
+        """Store a trace under ``key`` (arrays first, then metadata; each renamed into place)."""
+        from safetensors.numpy import save
+
+        meta_path, array_path = self._paths(key)
+        record, arrays = trace.to_record()
+        record = json.loads(_canonical_json(record, True))  # JSON-able check; tuples become lists
+        data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
+        meta = {
+            "format": FORMAT_VERSION,
+            "key": key,
+            "trace": record,
+            "trace_sha256": _sha256(_canonical_json(record, True).encode("utf-8")),
+            "arrays_sha256": _sha256(data),
+        }
+        _atomic_write(array_path, data)
+        _atomic_write(meta_path, json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8"))
+        self._remember(key, trace)
+
+    def _remember(self, key: str, trace) -> None:
+        with self._lock:
+            self._memory[key] = trace
+            self._memory.move_to_end(key)
+            while len(self._memory) > self.memory_items:
+                self._memory.popitem(last=False)
+
+    def delete(self, key: str) -> None:
+        """Remove an entry (memory and disk); missing entries are fine."""
+        meta_path, array_path = self._paths(key)
+        with self._lock:
+            self._memory.pop(key, None)
+        meta_path.unlink(missing_ok=True)
+        array_path.unlink(missing_ok=True)
+
+    def forget_memory(self) -> None:
+        """Empty the in-memory layer (the disk is untouched)."""
+        with self._lock:
+            self._memory.clear()
+
+    def keys(self) -> Iterator[str]:
+        """Keys of the entries on disk (not checked)."""
+        if not self.root.is_dir():
+            return
+        for path in sorted(self.root.glob("??/*.json")):
+            if _KEY.match(path.stem):
+                yield path.stem
