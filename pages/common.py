@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import traceback
 
 import altair as alt
@@ -65,20 +64,18 @@ def show_error(exc: BaseException, what: str = "That did not work") -> None:
 
 
 def chart_downloads(chart: alt.TopLevelMixin, stem: str, data: pd.DataFrame | None = None) -> None:
-    """PNG, SVG (vl-convert) and CSV download buttons for a chart."""
-    import vl_convert as vlc
+    """PNG, SVG (vl-convert) and CSV download buttons for a chart.
 
-    spec = chart.to_json()
-    cols = st.columns(3 if data is not None else 2)
-    try:
-        png = vlc.vegalite_to_png(spec, scale=2)
-        svg = vlc.vegalite_to_svg(spec)
-    except Exception as exc:  # noqa: BLE001
-        st.warning(f"Could not render the chart for download: {exc}")
-        return
-    cols[0].download_button("PNG", png, f"{stem}.png", "image/png", key=f"{stem}-png")
-    cols[1].download_button("SVG", svg, f"{stem}.svg", "image/svg+xml", key=f"{stem}-svg")
+    The files are made only when a button is clicked (vl-convert takes about a second a chart),
+    so reruns stay fast.
+    """
+    from tracing.charts import to_png, to_svg
+
+    cols = st.columns([1, 1, 1, 6])
+    icon = ":material/download:"
+    cols[0].download_button("PNG", lambda: to_png(chart), f"{stem}.png", "image/png", key=f"{stem}-png", icon=icon)
+    cols[1].download_button("SVG", lambda: to_svg(chart), f"{stem}.svg", "image/svg+xml", key=f"{stem}-svg", icon=icon)
     if data is not None:
-        buf = io.StringIO()
-        data.to_csv(buf, index=False)
-        cols[2].download_button("CSV", buf.getvalue(), f"{stem}.csv", "text/csv", key=f"{stem}-csv")
+        cols[2].download_button(
+            "CSV", lambda: data.to_csv(index=False), f"{stem}.csv", "text/csv", key=f"{stem}-csv", icon=icon
+        )

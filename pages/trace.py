@@ -234,6 +234,7 @@ def noise_inputs(lm: tracing.LoadedModel) -> None:
         c1.text_input("Replacement prompt (same number of tokens)", key=W["replacement"],
                       help="The corrupted run reads this prompt; e.g. swap the subject for "
                            "another one with as many tokens.")
+        _replacement_count(lm, c2)
         return
     mode = c2.radio("Noise level in", runcard.NOISE_MODES, key=W["noise_mode"],
                     format_func={"absolute": "absolute", "sigma": "× emb. σ"}.get,
@@ -249,6 +250,16 @@ def noise_inputs(lm: tracing.LoadedModel) -> None:
                   step=0.01, key=W["noise"],
                   help="Default 0.4 = 3σ of this model's embeddings (ROME's rule). The seed study "
                        "used 0.5 on GPT2-XL. Moving the slider re-traces at once.")
+
+
+def _replacement_count(lm: tracing.LoadedModel, where: Any) -> None:
+    """How many tokens the prompt and the replacement prompt have."""
+    try:
+        n = len(tokenize(lm, st.session_state[W["prompt"]]))
+        m = len(tokenize(lm, st.session_state[W["replacement"]]))
+    except ValueError:
+        return
+    where.caption(f"{m} tokens; the prompt has {n}." + (" ✓" if m == n else ""))
 
 
 def run_inputs(lm: tracing.LoadedModel) -> None:
@@ -367,7 +378,8 @@ def get_traces(lm: tracing.LoadedModel, requests: dict[str, runcard.TraceRequest
                 _stopped_note()
                 return None
             st.session_state.pop(STOPPED, None)  # other settings now: the stop is over
-            label = f"Tracing {charts.KIND_LABELS[kind]}" + (f" ({i + 1}/{len(requests)})" if len(requests) > 1 else "")
+            count = f" ({i + 1}/{len(requests)})" if len(requests) > 1 else ""
+            label = f"Tracing {charts.KIND_LABELS[kind]}{count}"
             try:
                 trace = compute(lm, request, key, label, f"{slot}_{kind}")
             except TraceCancelled:
@@ -388,19 +400,6 @@ def _stopped_note() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Results
-
-
-def chart_downloads(chart: Any, stem: str, data: pd.DataFrame) -> None:
-    """PNG, SVG and CSV buttons for a chart. Like ``common.chart_downloads``, but the files are
-    made when clicked (vl-convert takes about a second per chart on a busy CPU; paying it on every
-    rerun would make a cached noise level slow to show)."""
-    cols = st.columns([1, 1, 1, 6])
-    cols[0].download_button("PNG", lambda: charts.to_png(chart), f"{stem}.png", "image/png",
-                            key=f"{stem}-png", icon=":material/download:")
-    cols[1].download_button("SVG", lambda: charts.to_svg(chart), f"{stem}.svg", "image/svg+xml",
-                            key=f"{stem}-svg", icon=":material/download:")
-    cols[2].download_button("CSV", lambda: data.to_csv(index=False), f"{stem}.csv", "text/csv",
-                            key=f"{stem}-csv", icon=":material/download:")
 
 
 def metric_for(traces: dict[str, Trace], metric: str) -> str:
@@ -438,11 +437,11 @@ def summary(trace: Trace, metric: str, source: str) -> None:
     cols[3].metric("Transition layer", "none" if transition is None else str(transition),
                    help="First layer from which restoring the final token beats restoring the "
                         "(last) noised token at every later layer.")
-    when = {"session": "cached (this session)", "store": "cached (result store)"}.get(
-        source, f"{trace.elapsed:.1f} s")
-    cols[4].metric("Computed in", f"{trace.elapsed:.1f} s", help=when)
+    loaded = {"session": "Loaded from this session's cache.",
+              "store": "Loaded from the result store (on disk)."}.get(source, "Just computed.")
+    cols[4].metric("Computed in", f"{trace.elapsed:.1f} s", help=loaded)
     st.caption(f"{target_note(trace)} Best cell: token {t} `{charts.show_token(trace.tokens[t])}`, "
-               f"layer {layer}. {'Loaded from the ' + when + '.' if source != 'computed' else ''}")
+               f"layer {layer}. {loaded}")
 
 
 def top_tables(trace: Trace) -> None:
@@ -467,7 +466,7 @@ def heatmap_tab(traces: dict[str, Trace], metric: str) -> None:
     st.caption("Rows: tokens (index, token; * = noised, ␣ = space). Columns: layers. Colour: the "
                "metric with that one state restored, from the corrupted run's value (white) up. "
                "Hover a cell for exact numbers.")
-    chart_downloads(chart, "trace_heatmap", data)
+    common.chart_downloads(chart, "trace_heatmap", data)
 
 
 def compact_tab(traces: dict[str, Trace], metric: str) -> None:
@@ -480,7 +479,7 @@ def compact_tab(traces: dict[str, Trace], metric: str) -> None:
             continue
         chart = charts.compact(trace, metric)
         st.altair_chart(chart, width="content")
-        chart_downloads(chart, f"trace_compact_{kind}", charts.compact_frame(trace, metric))
+        common.chart_downloads(chart, f"trace_compact_{kind}", charts.compact_frame(trace, metric))
 
 
 def export_tab(lm: tracing.LoadedModel, traces: dict[str, Trace], metric: str, state: dict) -> None:
@@ -493,11 +492,13 @@ def export_tab(lm: tracing.LoadedModel, traces: dict[str, Trace], metric: str, s
         stem = f"trace_{kind}_{_slug(trace.prompt)}_noise{trace.settings.get('noise', 0):g}"
         page = {**state, "kind": kind}
         c1, c2, c3 = st.columns([1, 1, 4], vertical_alignment="center")
-        c1.download_button(f"JSON · {KIND_NAMES[kind]}" if len(traces) > 1 else "JSON", _later(runcard.to_json, trace, metric, model, page),
+        which = f" · {KIND_NAMES[kind]}" if len(traces) > 1 else ""
+        c1.download_button(f"JSON{which}", _later(runcard.to_json, trace, metric, model, page),
                            f"{stem}.json", "application/json", key=f"trace_json_{kind}",
                            icon=":material/download:")
-        c2.download_button(f"CSV · {KIND_NAMES[kind]}" if len(traces) > 1 else "CSV", _later(runcard.to_csv, trace, metric, model),
-                           f"{stem}.csv", "text/csv", key=f"trace_csv_{kind}", icon=":material/download:")
+        c2.download_button(f"CSV{which}", _later(runcard.to_csv, trace, metric, model),
+                           f"{stem}.csv", "text/csv", key=f"trace_csv_{kind}",
+                           icon=":material/download:")
         with c3.expander(f"Run card ({KIND_NAMES[kind]})"):
             st.json(runcard.run_card(trace, metric, model, page), expanded=1)
 
@@ -592,7 +593,7 @@ def sweep_tab(lm: tracing.LoadedModel, state: dict[str, Any], metric: str, ok: b
     chart = charts.noise_sweep(traces, metric)
     st.altair_chart(chart, width="content")
     data = pd.concat([charts.trace_frame(t, metric).assign(noise=level) for level, t in traces.items()])
-    chart_downloads(chart, "trace_noise_sweep", data)
+    common.chart_downloads(chart, "trace_noise_sweep", data)
 
 
 # ---------------------------------------------------------------------------------------------

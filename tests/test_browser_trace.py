@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import socket
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 WAIT_S = 600
 
@@ -43,13 +42,25 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server():
+def playwright_api():
+    """Playwright's sync API, once Chromium and Playwright are known to be there."""
+    _require(Path(CHROMIUM).exists(), f"no Chromium at {CHROMIUM}")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _require(False, "playwright is not installed")
+    return sync_playwright
+
+
+@pytest.fixture(scope="module")
+def server(playwright_api):
     """The app on a free port; yields its base URL."""
     port = _free_port()
     command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
                "--server.headless", "true", "--server.fileWatcherType", "none",
                "--browser.gatherUsageStats", "false"]
-    log = open(ARTIFACTS.mkdir(exist_ok=True) or ARTIFACTS / "browser_trace_server.log", "w")
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = open(ARTIFACTS / "browser_trace_server.log", "w")
     process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -86,16 +97,11 @@ def _metric(page, label: str) -> str:
     return box.locator('[data-testid="stMetricValue"]').inner_text()
 
 
-def test_slider_retraces_in_a_real_browser(server):
-    _require(Path(CHROMIUM).exists() or shutil.which("chromium"), f"no Chromium at {CHROMIUM}")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _require(False, "playwright is not installed")
+def test_slider_retraces_in_a_real_browser(playwright_api, server):
     seed = random.randrange(1000, 10**6)  # a setting never traced: the page really computes
     query = urlencode({"prompt": "The Eiffel Tower is in", "noise_by": "tokens", "tokens": "3",
                        "samples": "1", "seed": str(seed), "noise": "0.4"})
-    with sync_playwright() as p:
+    with playwright_api() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 2200}, accept_downloads=True)
         page.goto(f"{server}/?{query}")

@@ -106,7 +106,7 @@ def test_moving_the_noise_slider_retraces_and_returning_is_instant():
     assert time.perf_counter() - started < 60
     _, again = heatmap(at)
     assert again["value"].equals(before["value"])
-    assert "this session" in cached_from(at)
+    assert "this session's cache" in cached_from(at)
 
 
 def test_url_reproduces_the_settings_in_a_new_session():
@@ -205,7 +205,7 @@ def test_exports_and_loading_a_run_card_back():
     assert at.number_input(key="trace_seed").value == other
     assert any("Loaded card.json" in s.value for s in at.success)
     assert shown(at)["traces"]["hidden"].settings["seed"] == other
-    assert "this session" in cached_from(at)
+    assert "this session's cache" in cached_from(at)
     # malformed, or from another model: a clear error, the page keeps working
     at.file_uploader(key="trace_card_upload").upload("bad.json", b"{not json", "application/json")
     at.run()

@@ -20,7 +20,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from .causal import METRIC_LABELS, Trace
+from .causal import Trace
 
 PALETTES = {"hidden": "purples", "mlp": "greens", "attn": "reds"}
 # ColorBrewer / matplotlib ramps (ROME's cmaps), from white: Vega's own schemes start tinted.
@@ -349,11 +349,11 @@ def compact(trace: Trace, metric: str = "prob", width: int | None = None) -> alt
     lines = _compact_lines(data[data["row"] != "other noised token"], trace, metric, layer, width)
     said = (f"transition at layer {layer}" if layer is not None
             else "no transition: restoring the final token never wins for good")
-    return _pad(alt.vconcat(cells, lines).resolve_scale(color="independent")).properties(title=alt.TitleParams(
-        f"Noised token vs final token ({KIND_LABELS[trace.kind]})",
-        subtitle=[_ellipsis(trace.prompt, MAX_TITLE),
-                  f"{noise_text(trace)}  ·  {said} (against {strongest})"],
-        anchor="start", subtitleColor="#555"))
+    heading = alt.TitleParams(f"Noised token vs final token ({KIND_LABELS[trace.kind]})",
+                              subtitle=[_ellipsis(trace.prompt, MAX_TITLE),
+                                        f"{noise_text(trace)}  ·  {said} (against {strongest})"],
+                              anchor="start", subtitleColor="#555")
+    return _pad(alt.vconcat(cells, lines).resolve_scale(color="independent")).properties(title=heading)
 
 
 def _compact_lines(data: pd.DataFrame, trace: Trace, metric: str, layer: int | None,
@@ -401,7 +401,7 @@ def to_svg(chart: alt.TopLevelMixin) -> str:
 
 
 __all__ = [
-    "METRIC_LABELS", "PALETTES", "compact", "compact_frame", "heatmap", "kinds_side_by_side",
+    "PALETTES", "compact", "compact_frame", "heatmap", "kinds_side_by_side",
     "metric_domain", "metric_title", "noise_sweep", "to_png", "to_svg", "token_labels",
     "trace_frame", "transition_layer",
 ]
