@@ -4,6 +4,7 @@ import streamlit as st
 
 from pages import common
 
+common.leave_legacy_pages_mode()
 st.set_page_config(page_title="Causal tracing", page_icon=":material/biotech:", layout="wide")
 
 PAGES = [

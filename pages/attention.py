@@ -11,6 +11,8 @@ import pandas as pd
 import streamlit as st
 
 from pages import common
+
+common.leave_legacy_pages_mode()
 from tracing import attention as A
 from tracing import attention_charts as C
 from tracing import prompts
@@ -33,12 +35,12 @@ EXAMPLE_PROMPT = "The Eiffel Tower is located in the city of"
 # Cached computations (keyed by model name and inputs; the model is fetched inside)
 
 
-@st.cache_data(show_spinner=False, max_entries=20_000)
+@st.cache_data(show_spinner=False, max_entries=5_000)
 def _attention_to(model: str, revision: str, prompt: str, positions: tuple[int, ...]) -> np.ndarray:
     return A.attention_to(common.cached_model(model), prompt, positions)
 
 
-@st.cache_data(show_spinner=False, max_entries=400)
+@st.cache_data(show_spinner=False, max_entries=64)  # [L, H, M] each: ~1 MB at 30 x 9 x 800
 def _first_token_attention(model: str, revision: str, window: tuple[int, ...]) -> np.ndarray:
     return A.first_token_attention(common.cached_model(model), window)
 
@@ -90,7 +92,7 @@ def pick_prompt_set(lm) -> tuple[pd.DataFrame, str] | None:
                            help="Uses the set's model_top1 column (top-1 of SmolLM2-135M-Instruct).")
     try:
         if choice == UPLOAD:
-            upload = st.file_uploader("Prompt-set CSV", type=["csv"], key="attn_set_upload")
+            upload = st.file_uploader("Prompt-set CSV", type=["csv"], key="attn_set_upload", max_upload_size=1)
             if upload is None:
                 st.info("Upload a prompt-set CSV to use it here.")
                 return None
@@ -272,12 +274,12 @@ def section_single(lm) -> None:
     head = c2.selectbox("Head", ["mean over heads"] + list(range(lm.n_heads)), key=f"attn_single_head_{lm.n_heads}")
     scale = c3.radio("Colour scale", list(C.SCALES), horizontal=True, key="attn_single_scale")
     try:
+        n_tokens = len(A.prompt_ids(lm, prompt))
+        if n_tokens > MAX_PATTERN_TOKENS:
+            raise ValueError(f"The prompt has {n_tokens} tokens: this view shows at most {MAX_PATTERN_TOKENS}.")
         pattern, labels = _pattern(lm.name, lm.revision, prompt, int(layer))
     except Exception as exc:  # noqa: BLE001
         common.show_error(exc, "Could not compute the attention pattern")
-        return
-    if len(labels) > MAX_PATTERN_TOKENS:
-        st.error(f"The prompt has {len(labels)} tokens: the pattern view shows at most {MAX_PATTERN_TOKENS}.")
         return
     which = pattern.mean(axis=0) if head == "mean over heads" else pattern[int(head)]
     name = "mean over heads" if head == "mean over heads" else f"head {head}"
@@ -301,7 +303,7 @@ def section_single(lm) -> None:
 def _long_text_source() -> tuple[str, str] | None:
     """(text, label) from an upload or the default text; None with an error when unusable."""
     upload = st.file_uploader(f"A plain-text file (.txt, at most {MAX_TEXT_BYTES // 1_000_000} MB)", type=["txt"],
-                              key="attn_long_upload")
+                              key="attn_long_upload", max_upload_size=MAX_TEXT_BYTES // 1_000_000)
     if upload is None:
         st.caption(f"No file uploaded: using the default text, {DEFAULT_TEXT_LABEL}")
         return DEFAULT_TEXT.read_text(encoding="utf-8"), "default text (The Tide Clock of Harrow Point)"

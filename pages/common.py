@@ -11,6 +11,20 @@ import streamlit as st
 import tracing
 
 MODEL_KEY = "model_name"
+
+
+def leave_legacy_pages_mode() -> None:
+    """Rerun through app.py if Streamlit ran this script in its legacy `pages/` folder mode.
+
+    A fresh server that sees a `pages/` folder runs its very first script run the old way (the
+    requested page alone, with an automatic list of every file in `pages/`) until some run calls
+    st.navigation. This switches the server to app.py's navigation and reruns the same page.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
 OTHER = "Other (hub id, folder or .gguf)…"
 
 

@@ -9,6 +9,8 @@ import streamlit as st
 
 import tracing
 from pages import common
+
+common.leave_legacy_pages_mode()
 from tracing import hidden, hidden_charts, prompts
 
 TRAJ_KEY = "hidden_trajectories"  # last good trajectories: dict(model, source, frame, seconds)

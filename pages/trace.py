@@ -18,6 +18,8 @@ import streamlit as st
 
 import tracing
 from pages import common
+
+common.leave_legacy_pages_mode()
 from tracing import charts, runcard
 from tracing.causal import (CONVENTIONS, CORRUPTIONS, KINDS, METRIC_LABELS, METRICS, Trace,
                             TraceCancelled, answer_token, causal_trace, embedding_sigma,

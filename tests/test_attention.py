@@ -238,12 +238,13 @@ def test_long_text_reduction_matches_direct_computation(tiny, family):
         np.stack(eager_attentions(lm, ids[s : s + m].tolist()))[:, :, :, 0] for s in starts
     ])  # [n, L, H, m]
     np.testing.assert_allclose(r.mean, direct.mean(axis=0), atol=1e-5)
-    np.testing.assert_allclose(r.per_sample, direct.mean(axis=2), atol=1e-5)
+    np.testing.assert_allclose(r.per_sample, direct.mean(axis=(1, 2)), atol=1e-5)
     np.testing.assert_allclose(r.mean[:, :, 0], 1.0, atol=1e-6)
     curves = A.long_text_curves(r)
     mean = curves[curves.layer == "mean"]
     np.testing.assert_allclose(mean["attention"], direct.mean(axis=(0, 1, 2)), atol=1e-5)
     np.testing.assert_allclose(mean["uniform"], 1 / (np.arange(m) + 1))
+    np.testing.assert_allclose(mean["q25"], np.quantile(direct.mean(axis=(1, 2)), 0.25, axis=0), atol=1e-5)
     layer1 = curves[curves.layer == "1"]["attention"].to_numpy()
     np.testing.assert_allclose(layer1, direct[:, 1].mean(axis=(0, 1)), atol=1e-5)
     heads = A.long_text_heads(r, from_position=4).set_index(["layer", "head"])

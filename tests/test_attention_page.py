@@ -54,8 +54,12 @@ def test_single_prompt_bad_input_then_recovers():
     at.text_input(key="attn_single_prompt").set_value("   ").run()
     assert not at.exception
     assert any("empty" in e for e in errors(at))
+    at.text_input(key="attn_single_prompt").set_value("word " * 200).run()
+    assert not at.exception
+    assert any("at most" in e for e in errors(at)), errors(at)
     at.text_input(key="attn_single_prompt").set_value("Paris is the capital of").run()
     assert not at.exception and not errors(at)
+    assert len(at.get("vega_lite_chart")) == 2
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Causal tracing of language models: a plain library (no Streamlit)."""
 
 from .adapters import UnsupportedArchitectureError, adapter_for, supported_families
+from .attention import attention_to
 from .causal import METRICS, Trace, TraceCancelled, causal_trace, subject_positions
 from .hidden import LogitLens, final_token_states, logit_lens
 from .models import DEFAULT_MODEL, EXAMPLE_MODELS, LoadedModel, ModelLoadError, load_model
@@ -10,6 +11,7 @@ __all__ = [
     "METRICS",
     "Trace",
     "TraceCancelled",
+    "attention_to",
     "causal_trace",
     "final_token_states",
     "logit_lens",

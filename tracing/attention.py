@@ -364,7 +364,7 @@ def first_token_attention(lm, window: Sequence[int]) -> np.ndarray:
 class LongTextAttention:
     """Mean over windows of the attention token i pays to the window's first token.
 
-    ``mean[layer, head, i]``; ``per_sample[s, layer, i]`` (averaged over heads) for the spread.
+    ``mean[layer, head, i]``; ``per_sample[s, i]`` (averaged over layers and heads) for the spread.
     """
 
     model: str
@@ -403,11 +403,11 @@ def long_text_attention(
     length = min(int(length), lm.n_ctx)
     starts = sample_windows(ids, int(n_samples), length, seed)
     total = np.zeros((lm.n_layers, lm.n_heads, length), dtype=np.float64)
-    per_sample = np.zeros((len(starts), lm.n_layers, length), dtype=np.float32)
+    per_sample = np.zeros((len(starts), length), dtype=np.float32)
     for s, begin in enumerate(starts):
         weights = np.asarray(window_fn(lm, tuple(int(i) for i in ids[begin : begin + length])))
         total += weights
-        per_sample[s] = weights.mean(axis=1)
+        per_sample[s] = weights.mean(axis=(0, 1))
         if progress is not None:
             progress(s + 1, len(starts))
     return LongTextAttention(
@@ -431,13 +431,12 @@ def long_text_curves(result: LongTextAttention) -> pd.DataFrame:
     by_layer = result.mean.mean(axis=1)  # [L, M]
     frames = [pd.DataFrame({"position": positions, "layer": str(layer), "attention": by_layer[layer]})
               for layer in range(by_layer.shape[0])]
-    overall = result.per_sample.mean(axis=1)  # [S, M]
     frames.append(pd.DataFrame({
         "position": positions,
         "layer": "mean",
         "attention": result.mean.mean(axis=(0, 1)),
-        "q25": np.quantile(overall, 0.25, axis=0),
-        "q75": np.quantile(overall, 0.75, axis=0),
+        "q25": np.quantile(result.per_sample, 0.25, axis=0),
+        "q75": np.quantile(result.per_sample, 0.75, axis=0),
         "uniform": 1.0 / (positions + 1),
     }))
     return pd.concat(frames, ignore_index=True)

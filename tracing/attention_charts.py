@@ -36,6 +36,7 @@ def _thinned(data: pd.DataFrame, length: int, n_lines: int) -> pd.DataFrame:
     return data[data["position"].isin(thin_positions(length, n_lines))]
 
 
+TOKEN_AXIS = alt.Axis(labelAngle=-50, labelOverlap=False, labelLimit=140)
 PAD = alt.AutoSizeParams(type="pad")  # width/height are the plot area (Streamlit would fit the whole chart)
 
 
@@ -120,6 +121,14 @@ def _color_scale(scale: str, domain_max: float) -> alt.Scale:
     return alt.Scale(scheme="viridis", domain=[0, max(domain_max, 1e-6)])
 
 
+def _outline(chart: alt.Chart, selection: alt.Parameter) -> alt.Chart:
+    """Clickable cells; the clicked one gets a black outline."""
+    return chart.add_params(selection).encode(
+        stroke=alt.condition(selection, alt.value("black"), alt.value(None), empty=False),
+        strokeWidth=alt.condition(selection, alt.value(2.5), alt.value(0), empty=False),
+    )
+
+
 def head_grids(heads: pd.DataFrame, scale: str = "linear", selection: alt.Parameter | None = None,
                cell: int = 13) -> alt.Chart:
     """Layers x heads heatmaps of mean attention to one target, one panel per category, shared colours."""
@@ -134,10 +143,7 @@ def head_grids(heads: pd.DataFrame, scale: str = "linear", selection: alt.Parame
                  alt.Tooltip("std:Q", format=".4f"), "n:Q"],
     ).properties(width=max(200, cell * n_heads), height=max(160, cell * n_layers))
     if selection is not None:
-        chart = chart.add_params(selection).encode(
-            opacity=alt.condition(selection, alt.value(1.0), alt.value(0.35)),
-            stroke=alt.condition(selection, alt.value("white"), alt.value(None)),
-        )
+        chart = _outline(chart, selection)
     return chart.facet(
         column=alt.Column("prompt type:N", sort=_category_sort(heads), title=None,
                           header=alt.Header(labelFontSize=13, labelFontWeight="bold")),
@@ -164,17 +170,14 @@ def difference_grid(diff: pd.DataFrame, a: str, b: str, selection: alt.Parameter
     ).properties(autosize=PAD, width=max(200, cell * n_heads), height=max(160, cell * n_layers), title=alt.TitleParams(
         f"Attention to the {TARGET_LABELS[target]}: A − B",
         subtitle=[f"A = {la}", f"B = {lb}", "red: more in A, blue: more in B"]))
-    if selection is not None:
-        chart = chart.add_params(selection).encode(
-            opacity=alt.condition(selection, alt.value(1.0), alt.value(0.35)))
-    return chart
+    return chart if selection is None else _outline(chart, selection)
 
 
 def per_prompt_strip(values: pd.DataFrame, title: str) -> alt.Chart:
     """Every prompt's value as a dot, one row per category; mean as a tick."""
     data = values.assign(**{"prompt type": values["category"].map(category_label)})
     sort = _category_sort(values)
-    y = alt.Y("prompt type:N", sort=sort, title=None)
+    y = alt.Y("prompt type:N", sort=sort, title=None, axis=alt.Axis(labelLimit=260))
     dots = alt.Chart(data).mark_circle(size=60, opacity=0.7).encode(
         x=alt.X("attention:Q", title="attention weight"),
         y=y,
@@ -195,10 +198,10 @@ def pattern_heatmap(pattern: np.ndarray, labels: list[str], title: str, subtitle
     data = pd.DataFrame({"query": np.array(labels)[q], "key": np.array(labels)[k],
                          "attention": pattern[q, k]})
     data = _floored(data, ["attention"], scale)
-    size = max(300, min(30 * len(labels), 720))
+    size = max(300, min(30 * len(labels), 900))
     return alt.Chart(data).mark_rect().encode(
-        x=alt.X("key:N", sort=labels, title="key token (attended to)", axis=alt.Axis(labelAngle=-60)),
-        y=alt.Y("query:N", sort=labels, title="query token (attending)"),
+        x=alt.X("key:N", sort=labels, title="key token (attended to)", axis=TOKEN_AXIS),
+        y=alt.Y("query:N", sort=labels, title="query token (attending)", axis=alt.Axis(labelOverlap=False)),
         color=alt.Color("attention:Q", scale=_color_scale(scale, float(pattern.max()))),
         tooltip=["query:N", "key:N", alt.Tooltip("attention:Q", format=".4f")],
     ).properties(autosize=PAD, width=size, height=size, title=alt.TitleParams(title, subtitle=subtitle))
@@ -210,7 +213,7 @@ def final_rows_heatmap(rows: np.ndarray, labels: list[str], title: str, scale: s
     data = pd.DataFrame({"head": h, "key": np.array(labels)[k], "attention": rows.reshape(-1)})
     data = _floored(data, ["attention"], scale)
     return alt.Chart(data).mark_rect().encode(
-        x=alt.X("key:N", sort=labels, title="key token (attended to)", axis=alt.Axis(labelAngle=-60)),
+        x=alt.X("key:N", sort=labels, title="key token (attended to)", axis=TOKEN_AXIS),
         y=alt.Y("head:O", title="head"),
         color=alt.Color("attention:Q", scale=_color_scale(scale, float(rows.max()))),
         tooltip=["head:O", "key:N", alt.Tooltip("attention:Q", format=".4f")],
