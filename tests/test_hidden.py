@@ -74,7 +74,7 @@ def test_final_token_states_bad_prompts(tiny):
     for bad in ("", "   "):
         with pytest.raises(ValueError, match="empty"):
             hidden.final_token_states(lm, bad)
-    with pytest.raises(ValueError, match="at most 256"):
+    with pytest.raises(ValueError, match="context of 256"):
         hidden.final_token_states(lm, "word " * 400)
 
 

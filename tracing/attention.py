@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from .runner import Runner, record_attention
+from .tokens import tokenize
 
 TARGETS = ("first", "noised", "final")
 TARGET_LABELS = {"first": "first token", "noised": "noised token", "final": "final token"}
@@ -30,14 +31,7 @@ AttendFn = Callable[..., np.ndarray]
 
 def prompt_ids(lm, prompt: str) -> list[int]:
     """Token ids of a prompt as the tracer tokenizes it; ValueError if empty or too long."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("The prompt is empty.")
-    ids = [int(i) for i in lm.tokenizer(prompt)["input_ids"]]
-    if not ids:
-        raise ValueError("The prompt tokenizes to nothing.")
-    if len(ids) > lm.n_ctx:
-        raise ValueError(f"The prompt has {len(ids)} tokens, more than the model's context of {lm.n_ctx}.")
-    return ids
+    return tokenize(lm, prompt)
 
 
 def token_labels(lm, ids: Sequence[int]) -> list[str]:

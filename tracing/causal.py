@@ -39,6 +39,7 @@ import torch
 
 from .hooks import edit_outputs
 from .runner import KVPrefix, KVRecorder, Runner
+from .tokens import answer_token, subject_positions, token_strings, tokenize
 
 KINDS = ("hidden", "mlp", "attn")
 CORRUPTIONS = ("gaussian", "uniform", "replace")
@@ -156,77 +157,6 @@ class Trace:
 
 # ---------------------------------------------------------------------------------------------
 # Input checks
-
-
-def tokenize(lm, prompt: str) -> list[int]:
-    """Token ids of a prompt, with clear errors for empty or too long prompts."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("The prompt is empty.")
-    ids = list(lm.tokenizer(prompt)["input_ids"])
-    if not ids:
-        raise ValueError("The prompt tokenizes to nothing.")
-    if len(ids) > lm.n_ctx:
-        raise ValueError(
-            f"The prompt has {len(ids)} tokens, more than the model's context of {lm.n_ctx}."
-        )
-    return ids
-
-
-def token_strings(lm, ids: Sequence[int]) -> list[str]:
-    return [lm.tokenizer.decode([int(i)]) for i in ids]
-
-
-def answer_token(lm, answer: int | str, what: str = "target") -> int:
-    """A token id from an id or a completion string (its first token)."""
-    vocab = lm.model.get_submodule(lm.adapter.unembed).weight.shape[0]
-    if isinstance(answer, (int, np.integer)) and not isinstance(answer, bool):
-        if not 0 <= int(answer) < vocab:
-            raise ValueError(f"The {what} token id {answer} is outside the vocabulary (0..{vocab - 1}).")
-        return int(answer)
-    if isinstance(answer, str):
-        ids = lm.tokenizer(answer, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise ValueError(f"The {what} '{answer}' tokenizes to nothing.")
-        return int(ids[0])
-    raise ValueError(f"The {what} must be a token id or a completion string, not {type(answer).__name__}.")
-
-
-def subject_positions(lm, prompt: str, subject: str, which: str = "all") -> list[int]:
-    """Indices of the tokens covering the first occurrence of ``subject`` in ``prompt``.
-
-    ``which="last"`` returns only the last of them (the seed study's single noised token).
-    """
-    if not subject or not subject.strip():
-        raise ValueError("The subject is empty.")
-    start = prompt.find(subject)
-    if start < 0:
-        raise ValueError(f"'{subject}' does not occur in the prompt.")
-    end = start + len(subject)
-    ids = tokenize(lm, prompt)
-    positions = [i for i, (a, b) in enumerate(_token_spans(lm, prompt, ids)) if a < end and b > start and b > a]
-    if not positions:
-        raise ValueError(f"'{subject}' covers no whole token of the prompt.")
-    if which == "last":
-        return positions[-1:]
-    if which != "all":
-        raise ValueError("which must be 'all' or 'last'.")
-    return positions
-
-
-def _token_spans(lm, prompt: str, ids: list[int]) -> list[tuple[int, int]]:
-    """Character span of each token (offsets if the tokenizer has them, else prefix decoding)."""
-    try:
-        offsets = lm.tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
-        if len(offsets) == len(ids):
-            return [(int(a), int(b)) for a, b in offsets]
-    except (NotImplementedError, TypeError, ValueError, KeyError):
-        pass
-    spans, previous = [], 0
-    for i in range(len(ids)):
-        length = len(lm.tokenizer.decode(ids[: i + 1]))
-        spans.append((previous, length))
-        previous = length
-    return spans
 
 
 def _check_noised(noised: Sequence[int], n_tokens: int) -> list[int]:
@@ -569,8 +499,8 @@ def causal_trace(
     effective_samples = 1 if corruption == "replace" else int(samples)
 
     clean = clean_run(lm, ids)
-    target_id = int(clean.logits.argmax()) if target is None else answer_token(lm, target)
-    contrast_id = None if contrast is None or contrast == "" else answer_token(lm, contrast, "contrast")
+    target_id = int(clean.logits.argmax()) if target is None else answer_token(lm, target, "target", prompt)
+    contrast_id = None if contrast is None or contrast == "" else answer_token(lm, contrast, "contrast", prompt)
     corrupt = corrupted_run(lm, ids, noised, corruption, float(noise or 0), noise_mode,
                             effective_samples, int(seed), replacement_ids)
     scorer = _Scorer(clean.logits, target_id, contrast_id)

@@ -24,8 +24,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .prompts import REGURGITATION, expected_token_id
+from .prompts import REGURGITATION
 from .runner import Runner
+from .tokens import completion_token, tokenize
 
 MEASURES: dict[str, str] = {
     "norm": "Norm |h(l)|",
@@ -52,26 +53,13 @@ Progress = Callable[[int, int], None]
 
 def encode_prompt(lm, prompt: str) -> torch.Tensor:
     """Token ids [1, T] of a prompt; ValueError if empty or longer than the model's context."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("The prompt is empty.")
-    ids = lm.tokenizer(prompt, return_tensors="pt").input_ids
-    if ids.shape[-1] == 0:
-        raise ValueError("The prompt has no tokens.")
-    if ids.shape[-1] > lm.n_ctx:
-        n = ids.shape[-1]
-        raise ValueError(f"The prompt has {n} tokens; {lm.name} takes at most {lm.n_ctx}.")
-    return ids
+    return torch.tensor([tokenize(lm, prompt)])
 
 
 def target_token_id(lm, prompt: str, completion: str) -> int:
     """The first token of a completion as tokenized after the prompt (include its leading space,
     e.g. " Paris"), like the prompt sets' ``expected``."""
-    if not isinstance(completion, str) or completion == "":
-        raise ValueError("The target completion is empty.")
-    try:
-        return expected_token_id(lm, prompt, completion)
-    except ValueError as exc:
-        raise ValueError(f"The target {completion!r} has no tokens.") from exc
+    return completion_token(lm, prompt, completion, "target completion")
 
 
 def _states(runner: Runner, ids: torch.Tensor) -> torch.Tensor:
