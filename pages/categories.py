@@ -6,8 +6,10 @@ import pandas as pd
 import streamlit as st
 
 from pages import common
+
+common.leave_legacy_pages_mode()
 from tracing import batch, category_charts, prompts
-from tracing.store import ResultStore
+from tracing.store import ResultStore, default_root
 
 SET_KEY = "cat_set"  # last valid prompt set: dict(name, frame)
 UPLOAD = "Upload a CSV…"
@@ -16,9 +18,13 @@ KINDS = {"hidden": "hidden states", "mlp": "MLP outputs", "attn": "attention out
 
 
 @st.cache_resource
+def _store(root: str) -> ResultStore:
+    return ResultStore(root)
+
+
 def result_store() -> ResultStore:
-    """One result store (disk + memory layer) shared by every session."""
-    return ResultStore()
+    """One result store per folder (disk + memory layer), shared by every session."""
+    return _store(str(default_root()))
 
 
 # -- prompt set ----------------------------------------------------------------------------------
@@ -142,6 +148,7 @@ def show_results(results: list[batch.PromptResult], n_layers: int) -> None:
     options = dict(correct_only=correct_only, combine_regurgitation=combine, min_effect=min_effect)
     averages = batch.category_averages(results, **options)
     table = batch.prompt_table(results)
+    table.insert(0, "averaged", (table["effect"] >= min_effect) & (table["correct"].astype(bool) | (not correct_only)))
     st.dataframe(batch.category_summary(results, **options), width="stretch", hide_index=True)
     if averages.empty:
         st.warning("No prompt passes the filters: relax them or trace more prompts.")
@@ -154,11 +161,11 @@ def show_results(results: list[batch.PromptResult], n_layers: int) -> None:
         common.chart_downloads(lines, "category-lines", averages)
     st.subheader("Confounds: transition layer per prompt")
     st.caption("Transition layer: the first layer where restoring the final token beats restoring "
-               "the noised token.")
+               "the noised token. Prompts in the averages only.")
     left, right = st.columns(2)
     for column, x in ((left, "token_distance"), (right, "clean_prob")):
         with column:
-            chart = category_charts.scatter_chart(table, x)
+            chart = category_charts.scatter_chart(table[table["averaged"]], x)
             st.altair_chart(chart)
             common.chart_downloads(chart, f"transition-vs-{x}", table)
     st.subheader("Per prompt")
@@ -190,9 +197,10 @@ def page() -> None:
     if st.button(f"Trace {pending} missing prompt(s)", type="primary", disabled=pending == 0, key="cat_run"):
         try:
             run(lm, frame, settings, target)
+            st.rerun()
         except Exception as exc:  # noqa: BLE001 - results so far are stored; show what went wrong
             common.show_error(exc, "The batch stopped")
-        plan = batch.plan_batch(lm, frame, settings, result_store(), target)
+            plan = batch.plan_batch(lm, frame, settings, result_store(), target)
     if "cat_last_run" in st.session_state:
         st.caption(st.session_state["cat_last_run"])
     for r in skipped:

@@ -156,14 +156,30 @@ def launch_chromium(playwright, **kwargs):
     return playwright.chromium.launch(executable_path=executable, args=LAUNCH_ARGS, **kwargs)
 
 
-def wait_idle(page, timeout: float = 600) -> None:
-    """Wait until the app's script has stopped running (the status widget disappears)."""
+SCRIPT_STATE = '[data-testid="stApp"]'
+
+
+def script_state(page) -> str | None:
+    """The app's script state as the frontend shows it on its root element: "initial",
+    "running", "notRunning", "rerunRequested", ... (None before the app has rendered)."""
+    root = page.locator(SCRIPT_STATE)
+    return root.first.get_attribute("data-test-script-state") if root.count() else None
+
+
+def wait_idle(page, timeout: float = 600, settle: float = 1.0) -> None:
+    """Wait until the app's script has finished running and stays finished for ``settle`` s.
+
+    Uses the root element's ``data-test-script-state`` (the status widget is not shown with
+    ``client.toolbarMode = "minimal"``).
+    """
     deadline = time.monotonic() + timeout
-    time.sleep(1)
+    quiet_since = None
     while time.monotonic() < deadline:
-        if not page.locator('[data-testid="stStatusWidget"]').count():
-            time.sleep(0.5)  # a rerun may start right after; look once more
-            if not page.locator('[data-testid="stStatusWidget"]').count():
+        if script_state(page) == "notRunning" and not page.locator('[data-testid="stSpinner"]').count():
+            quiet_since = quiet_since or time.monotonic()
+            if time.monotonic() - quiet_since >= settle:
                 return
-        time.sleep(0.5)
-    raise TimeoutError(f"the app was still running after {timeout:.0f} s")
+        else:
+            quiet_since = None
+        time.sleep(0.2)
+    raise TimeoutError(f"the app was still running after {timeout:.0f} s (state {script_state(page)!r})")

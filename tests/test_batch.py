@@ -185,7 +185,7 @@ def test_bad_rows_are_skipped_with_a_reason(tiny, tmp_path, three_prompts):
     frame.loc[1, "subject"] = "not there"
     batch = run_batch(tiny("gpt2"), frame, SETTINGS, ResultStore(tmp_path))
     assert [r.status for r in batch.results] == ["computed", "skipped", "computed"]
-    assert "not in the prompt" in batch.results[1].message
+    assert "does not occur in the prompt" in batch.results[1].message
     with pytest.raises(ValueError, match="target"):
         run_batch(tiny("gpt2"), frame, SETTINGS, ResultStore(tmp_path), target="best")
 
@@ -240,3 +240,41 @@ def test_cli_batch_writes_the_store(embedded, tmp_path, capsys):
     assert set(pd.read_csv(tmp_path / "a.csv")["row"]) == {"noised token", "final token"}
     assert main(args) == 0
     assert "stored" in capsys.readouterr().err
+
+
+# -- chart builders ------------------------------------------------------------------------------
+
+
+def test_chart_builders_render():
+    import vl_convert as vlc
+
+    from tracing.category_charts import heatmap_chart, line_chart, scatter_chart
+
+    averages = category_averages(hand_set())
+    heat = heatmap_chart(averages).to_dict()
+    assert heat["facet"]["column"]["field"] == "title"
+    assert heat["spec"]["encoding"]["color"]["scale"]["scheme"] == "purples"
+    titles = {row["title"] for row in heat["datasets"][next(iter(heat["datasets"]))]}
+    assert titles == {"Non-English regurgitation (n=2)", "Plain-English regurgitation (n=1)", "Semantic recall (n=1)"}
+    lines = line_chart(averages, spread="std")
+    assert vlc.vegalite_to_svg(lines.to_json()).startswith("<svg")
+    table = prompt_table(hand_set()).assign(n_layers=3)
+    scatter = scatter_chart(table, "clean_prob").to_dict()
+    assert scatter["encoding"]["y"]["scale"]["domain"] == [0, 2]
+    assert scatter["encoding"]["color"]["scale"]["domain"] == [  # only categories present
+        "Non-English regurgitation", "Plain-English regurgitation", "Semantic recall"]
+    only_regurgitation = scatter_chart(table[table["category"] != "semantic"], "token_distance").to_dict()
+    assert len(only_regurgitation["encoding"]["color"]["scale"]["domain"]) == 2
+    with pytest.raises(ValueError):
+        scatter_chart(table, "colour")
+    with pytest.raises(ValueError):
+        line_chart(averages, spread="iqr")
+
+
+def test_explicit_noised_indices_override_the_subject(tiny, tmp_path, three_prompts):
+    frame = three_prompts.head(2).copy()
+    frame["noised"] = [[0], "-2"]  # a list from the parser, a string from the table editor
+    batch = run_batch(tiny("gpt2"), frame, SETTINGS, ResultStore(tmp_path))
+    n_tokens = len(batch.results[1].trace.tokens)
+    assert batch.results[0].trace.noised == [0]
+    assert batch.results[1].trace.noised == [n_tokens - 2]

@@ -196,7 +196,7 @@ def test_noised_positions_last_subject_token(embedded):
     assert noised_positions(embedded, "The Eiffel Tower is located in the city of", "Eiffel Tower") == [3]
     assert noised_positions(embedded, "The capital city of Wales is called", "Wales") == [4]
     assert noised_positions(embedded, "The capital city of Wales is called", " Wales ") == [4]
-    with pytest.raises(ValueError, match="not in the prompt"):
+    with pytest.raises(ValueError, match="does not occur in the prompt"):
         noised_positions(embedded, "The capital city of Wales is called", "Scotland")
     assert expected_token_id(embedded, "The capital of France is", " Paris") == embedded.tokenizer(" Paris")["input_ids"][0]
 
@@ -214,11 +214,11 @@ def test_token_constraints_with_model(embedded):
 
 @pytest.mark.slow
 def test_shipped_set_constraints_and_recorded_top1_hold(embedded):
-    from tracing.causal import subject_positions
-
     frame = load_prompt_set(lm=embedded)
     assert (frame["problems"] == "").all(), frame.loc[frame["problems"] != "", ["prompt", "problems"]]
     for prompt, subject in zip(frame["prompt"], frame["subject"]):
-        assert noised_positions(embedded, prompt, subject) == subject_positions(embedded, prompt, subject, "last")
+        (position,) = noised_positions(embedded, prompt, subject)
+        token = embedded.tokenizer.decode([embedded.tokenizer(prompt)["input_ids"][position]])
+        assert subject.strip().endswith(token.strip()), (prompt, subject, token)  # its last token
     top = model_top1(embedded, frame)
     assert list(top["correct"]) == list(frame["model_top1"].astype(bool))

@@ -51,7 +51,10 @@ def _prompts_parser(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m tracing`` argument parser."""
-    parser = argparse.ArgumentParser(prog="python -m tracing", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tracing",
+        description="Headless batch tracing into the result store (batch) and prompt-set checks (prompts).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _batch_parser(sub)
     _prompts_parser(sub)
@@ -119,9 +122,9 @@ def run_prompts_command(args: argparse.Namespace) -> int:
     frame = load_prompt_set(args.file, lm=lm)
     counts = frame["category"].value_counts().to_dict()
     print(f"{len(frame)} prompts: {counts}")
-    for line, row in zip(range(2, len(frame) + 2), frame.itertuples()):
+    for row in frame.itertuples():
         if row.problems:
-            print(f"  line {line}: {row.prompt!r}: {row.problems}")
+            print(f"  {row.category}: {row.prompt!r}: {row.problems}")
     if lm is not None:
         top = model_top1(lm, frame)
         frame["model_top1"] = top["correct"].astype("boolean")

@@ -89,10 +89,10 @@ def plan_batch(lm, prompts: pd.DataFrame, settings: dict[str, Any] | None = None
     """Every prompt's key and status without computing: ``stored`` (with its trace), ``pending``
     or ``skipped`` (with the reason)."""
     store = store or ResultStore()
-    settings = trace_settings(settings)
+    settings, target = trace_settings(settings), _check_target(target)
     out = []
     for index, row in prompts.iterrows():
-        result, full = _prepare(lm, row, index, settings, _check_target(target), store)
+        result, full = _prepare(lm, row, index, settings, target, store)
         if full is not None:
             result.trace = store.get(result.key)
             result.status = "stored" if result.trace is not None else "pending"
@@ -152,7 +152,7 @@ def run_batch(
             batch.cancelled = True
             break
     batch.elapsed = time.perf_counter() - started
-    batch.counts = pd.Series([r.status for r in plan]).value_counts().to_dict() if plan else {}
+    batch.counts = {k: int(v) for k, v in pd.Series([r.status for r in plan], dtype=object).value_counts().items()}
     return batch
 
 

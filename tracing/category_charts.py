@@ -82,14 +82,17 @@ def scatter_chart(table: pd.DataFrame, x: str = "token_distance") -> alt.Chart:
         raise ValueError(f"x must be one of {', '.join(titles)}")
     data = table.dropna(subset=["transition_layer"]).copy()
     data["category label"] = [CATEGORIES.get(c, c) for c in data["category"]]
+    present = [label for label in CATEGORY_COLOURS if label in set(data["category label"])]
+    layers = int(table["n_layers"].max()) if table["n_layers"].notna().any() else None
+    y_scale = alt.Scale(domain=[0, layers - 1]) if layers else alt.Undefined
     return (
         alt.Chart(data)
         .mark_circle(size=70, opacity=0.8)
         .encode(
             x=alt.X(f"{x}:Q", title=titles[x]),
-            y=alt.Y("transition_layer:Q", title="transition layer"),
+            y=alt.Y("transition_layer:Q", title="transition layer", scale=y_scale),
             color=alt.Color("category label:N", title="category",
-                            scale=alt.Scale(domain=list(CATEGORY_COLOURS), range=list(CATEGORY_COLOURS.values()))),
+                            scale=alt.Scale(domain=present, range=[CATEGORY_COLOURS[p] for p in present])),
             tooltip=["prompt:N", "target:N", "category label:N", "transition_layer:Q",
                      "token_distance:Q", alt.Tooltip("clean_prob:Q", format=".3f")],
         )

@@ -41,6 +41,8 @@ from typing import Any, BinaryIO, Iterable
 
 import pandas as pd
 
+from . import tokens
+
 CATEGORIES = {
     "non_english": "Non-English regurgitation",
     "plain_english": "Plain-English regurgitation",
@@ -270,51 +272,27 @@ def _token_problems(lm, row) -> list[str]:
 
 
 def prompt_token_ids(lm, prompt: str) -> list[int]:
-    """Token ids of a prompt as the tracer tokenizes it (the tokenizer's default special tokens)."""
-    return list(lm.tokenizer(prompt)["input_ids"])
+    """Token ids of a prompt as the tracer tokenizes it (``tracing.tokens.tokenize``)."""
+    return tokens.tokenize(lm, prompt)
 
 
 def subject_token_positions(lm, prompt: str, subject: str) -> list[int]:
     """Indices of the tokens that overlap the first occurrence of ``subject`` in ``prompt``."""
-    if not subject or not subject.strip():
-        raise ValueError("no subject given")
-    start = prompt.find(subject)
-    if start < 0:
-        raise ValueError(f"subject '{subject}' is not in the prompt")
-    stripped = subject.strip()
-    start += subject.find(stripped)
-    end = start + len(stripped)
-    spans = _token_spans(lm, prompt)
-    positions = [i for i, (a, b) in enumerate(spans) if a < end and b > start and b > a]
-    if not positions:
-        raise ValueError(f"subject '{subject}' matches no token of the prompt")
-    return positions
-
-
-def _token_spans(lm, prompt: str) -> list[tuple[int, int]]:
-    """Character span of every prompt token (offsets, or prefix decoding for slow tokenizers)."""
-    tok = lm.tokenizer
-    try:
-        enc = tok(prompt, return_offsets_mapping=True)
-        return [tuple(span) for span in enc["offset_mapping"]]
-    except (NotImplementedError, ValueError, TypeError, KeyError):
-        ids = prompt_token_ids(lm, prompt)
-        spans, previous = [], 0
-        for i in range(len(ids)):
-            length = len(tok.decode(ids[: i + 1]))
-            spans.append((previous, length))
-            previous = length
-        return spans
+    return tokens.subject_positions(lm, prompt, subject, "all")
 
 
 def noised_positions(lm, prompt: str, subject: str) -> list[int]:
     """The token(s) the study noises: the last token of the subject's first occurrence."""
-    return subject_token_positions(lm, prompt, subject)[-1:]
+    return tokens.subject_positions(lm, prompt, subject, "last")
 
 
 def resolve_noised(lm, prompt: str, subject: str, noised: Iterable[int] | None = None) -> list[int]:
     """Explicit ``noised`` indices (negative ones count from the end) or the subject's last token."""
-    if noised is None or (not isinstance(noised, (list, tuple)) and pd.isna(noised)) or len(noised) == 0:
+    if isinstance(noised, str):
+        noised = _parse_noised(noised)
+    elif noised is not None and not isinstance(noised, (list, tuple)) and pd.isna(noised):
+        noised = None
+    if not noised:
         return noised_positions(lm, prompt, str(subject or ""))
     n = len(prompt_token_ids(lm, prompt))
     positions = sorted({i + n if i < 0 else i for i in (int(x) for x in noised)})
@@ -326,16 +304,7 @@ def resolve_noised(lm, prompt: str, subject: str, noised: Iterable[int] | None =
 
 def expected_token_id(lm, prompt: str, expected: str) -> int:
     """The first token of ``expected`` as it is tokenized after ``prompt`` (the traced target)."""
-    if not expected:
-        raise ValueError("empty expected completion")
-    prompt_ids = prompt_token_ids(lm, prompt)
-    full = prompt_token_ids(lm, prompt + expected)
-    if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
-        return int(full[len(prompt_ids)])
-    alone = lm.tokenizer(expected, add_special_tokens=False)["input_ids"]
-    if not alone:
-        raise ValueError(f"expected completion '{expected}' tokenizes to nothing")
-    return int(alone[0])
+    return tokens.completion_token(lm, prompt, expected, "expected completion")
 
 
 def model_top1(lm, frame: pd.DataFrame) -> pd.DataFrame:

@@ -78,6 +78,11 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def default_root() -> Path:
+    """Where results go: env ``CAUSAL_TRACING_RESULTS``, else ``cache_root()/results``."""
+    return Path(os.environ.get("CAUSAL_TRACING_RESULTS") or cache_root() / "results")
+
+
 def model_identity(lm) -> dict[str, str]:
     """What identifies a model's numbers: name, revision and dtype."""
     return {
@@ -114,10 +119,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 class ResultStore:
     """Traces on disk by key, with an in-memory LRU in front. ``root`` defaults to
-    ``cache_root()/results``."""
+    ``default_root()`` (env ``CAUSAL_TRACING_RESULTS``, else ``cache_root()/results``)."""
 
     def __init__(self, root: str | os.PathLike | None = None, memory_items: int = 512) -> None:
-        self.root = Path(root) if root is not None else cache_root() / "results"
+        self.root = Path(root) if root is not None else default_root()
         self.memory_items = memory_items
         self._memory: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()

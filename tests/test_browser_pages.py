@@ -1,0 +1,193 @@
+"""Every page in a real browser: Playwright driving Debian's Chromium against ``streamlit run``.
+
+One server for the module (results go to a temporary store, so every page really computes). For
+each page: load it, run its main action on the embedded model, wait for a chart, check that no
+exception is shown, and save a full-page screenshot to ``test-artifacts/<page>.png``.
+
+A deep link on a fresh server (``/hidden_states`` as the very first request) must give the app's
+own navigation and sidebar, not Streamlit's automatic ``pages/`` navigation.
+
+Skipped when Chromium or Playwright is missing, unless the environment variable CI is set.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from urllib.parse import urlencode
+
+import pytest
+
+from browser import ARTIFACTS, AppServer, launch_chromium, require_browser, wait_idle
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+WAIT_MS = 600_000
+CHART = '[data-testid="stVegaLiteChart"]'  # not any canvas: st.data_editor draws on one
+TITLES = {"Single-prompt trace", "Category averages", "Attention", "Hidden states"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    require_browser()
+    results = tmp_path_factory.mktemp("browser-results")
+    with AppServer("browser_pages_server", env={"CAUSAL_TRACING_RESULTS": str(results)}) as app:
+        yield app
+
+
+@pytest.fixture(scope="module")
+def browser():
+    require_browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = launch_chromium(p)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    tab = context.new_page()
+    yield tab
+    context.close()
+
+
+def _problems(page) -> list[str]:
+    """Exceptions and error boxes shown on the page."""
+    shown = []
+    for selector in ('[data-testid="stException"]', '[data-testid="stAlertContentError"]'):
+        loc = page.locator(selector)
+        shown += [f"{selector}: {loc.nth(i).inner_text()[:500]}" for i in range(loc.count())]
+    return shown
+
+
+def _wait_for_chart(page) -> None:
+    page.locator(CHART).first.wait_for(state="visible", timeout=WAIT_MS)
+    wait_idle(page, WAIT_MS / 1000)
+
+
+def screenshot(page, name: str) -> None:
+    """The whole page: Streamlit scrolls inside its main container, not the document, so the
+    viewport is made as tall as the content first."""
+    height = page.evaluate("""() => Math.max(...[
+        '[data-testid="stMain"]', '[data-testid="stAppViewContainer"]', 'section.main', 'body'
+    ].map(s => document.querySelector(s)).filter(Boolean).map(e => e.scrollHeight))""")
+    size = page.viewport_size or {"width": 1400, "height": 1000}
+    page.set_viewport_size({"width": size["width"], "height": int(min(max(height, 600) + 40, 20000))})
+    time.sleep(1.5)  # charts re-layout after the resize
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    page.set_viewport_size(size)
+
+
+def _finish(page, server, name: str) -> None:
+    wait_idle(page, WAIT_MS / 1000)
+    screenshot(page, name)
+    problems = _problems(page)
+    assert not problems, f"{name}: {problems}\n--- server log ---\n{server.log_tail()}"
+    assert page.locator(CHART).count() >= 1, f"{name}: no chart"
+
+
+def _pick(page, label: str, option: str) -> None:
+    """Choose ``option`` in the selectbox labelled ``label``."""
+    box = page.locator('[data-testid="stSelectbox"]').filter(has_text=label).first
+    box.click()
+    page.get_by_role("option", name=option, exact=True).first.click()
+    wait_idle(page, WAIT_MS / 1000)
+
+
+def _set_number(page, label: str, value: int) -> None:
+    field = page.get_by_label(label, exact=True).first
+    field.fill(str(value))
+    field.press("Enter")
+    wait_idle(page, WAIT_MS / 1000)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every page
+
+
+def test_trace_page(server, page):
+    query = urlencode({"prompt": "The Eiffel Tower is located in the city of", "samples": "2",
+                       "seed": str(random.randrange(1000, 10**6))})
+    page.goto(f"{server.url}/?{query}")
+    _wait_for_chart(page)
+    assert page.get_by_text("Causal trace of one prompt").count()
+    assert page.locator('[data-testid="stMetric"]').filter(has_text="Clean").count()
+    _finish(page, server, "trace")
+
+
+def test_categories_page(server, page):
+    page.goto(f"{server.url}/categories")
+    page.get_by_text("Category averages").first.wait_for(timeout=WAIT_MS)
+    wait_idle(page, WAIT_MS / 1000)
+    if page.locator('[data-testid="stSelectbox"]').filter(has_text="Prompt set").count():
+        _pick(page, "Prompt set", "quick")  # the small shipped set
+    if page.get_by_label("Samples", exact=True).count():
+        _set_number(page, "Samples", 2)
+    run = page.get_by_role("button", name=re.compile(r"^(Trace|Run|Compute)\b"))
+    if run.count() and run.first.is_enabled():
+        run.first.click()
+    _wait_for_chart(page)
+    _finish(page, server, "categories")
+
+
+def test_attention_page(server, page):
+    page.goto(f"{server.url}/attention")
+    _wait_for_chart(page)  # the first tab measures the shipped prompt set on load
+    assert page.get_by_text("prompts** from", exact=False).count() or page.get_by_text("prompts from").count()
+    _finish(page, server, "attention")
+
+
+def test_hidden_states_page(server, page):
+    page.goto(f"{server.url}/hidden_states")
+    _wait_for_chart(page)  # trajectories of the shipped set, and the logit lens
+    assert page.get_by_text("Hidden states of the final token").count()
+    _finish(page, server, "hidden_states")
+
+
+# ---------------------------------------------------------------------------------------------
+# A deep link as the very first request of a fresh server
+
+
+def _nav_labels(page) -> tuple[str, ...]:
+    """Page names in the sidebar navigation (the last line of each link: icons come first)."""
+    links = page.locator('[data-testid="stSidebarNav"] a')
+    return tuple(links.nth(i).inner_text().strip().split("\n")[-1].strip() for i in range(links.count()))
+
+
+def test_deep_link_on_a_fresh_server_gets_the_apps_navigation(browser, tmp_path):
+    """Streamlit picks its automatic navigation (every file in pages/, "common" included) while
+    nothing in the process has called st.navigation yet: a first request for /hidden_states must
+    still never show it, and must end with the app's pages and the sidebar model picker."""
+    with AppServer("browser_deep_link_server", env={"CAUSAL_TRACING_RESULTS": str(tmp_path)}) as fresh:
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        tab = context.new_page()
+        try:
+            tab.goto(f"{fresh.url}/hidden_states")  # nothing has run app.py on this server yet
+            seen: list[tuple[str, ...]] = []
+            deadline = time.monotonic() + WAIT_MS / 1000
+            while time.monotonic() < deadline:  # watch the navigation from the first paint on
+                labels = _nav_labels(tab)
+                if labels and (not seen or seen[-1] != labels):
+                    seen.append(labels)
+                    if any(label.lower() == "common" for label in labels):
+                        screenshot(tab, "deep_link_automatic_navigation")
+                if tab.get_by_text("Hidden states of the final token").count() and \
+                        tab.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').count():
+                    break
+                time.sleep(0.1)
+            wait_idle(tab, WAIT_MS / 1000)
+            seen.append(_nav_labels(tab))
+            screenshot(tab, "deep_link_hidden_states")
+            shown_common = [labels for labels in seen if any(x.lower() == "common" for x in labels)]
+            assert not shown_common, f"Streamlit's automatic pages/ navigation was shown: {seen}"
+            assert set(seen[-1]) == TITLES, seen
+            assert tab.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').count(), (
+                "the sidebar has no model picker (app.py did not run)")
+            assert tab.get_by_text("Hidden states of the final token").count()
+            assert not tab.locator('[data-testid="stException"]').count()
+        finally:
+            context.close()

@@ -1,0 +1,134 @@
+"""AppTest of pages/categories.py with the embedded model.
+
+The wiring tests replace the tracing engine by a fast stand-in with known rows (AppTest runs the
+page in this process), so pressing "Trace" completes in seconds; the engine itself is tested in
+test_causal.py and, through batches, in test_batch.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+import tracing.causal
+from tracing.causal import Trace
+from tracing.prompts import load_prompt_set, shipped_sets
+from tracing.store import ResultStore
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+PAGE = "pages/categories.py"
+
+pytestmark = pytest.mark.slow
+
+
+def fake_trace(lm, prompt, noised, kind="hidden", noise=0.4, samples=10, seed=0, target=None,
+               window=10, progress=None, **kwargs) -> Trace:
+    """A trace whose noised row falls 1 -> 0 and final row rises 0 -> 1 over the layers."""
+    ids = lm.tokenizer(prompt)["input_ids"]
+    n, layers = len(ids), lm.n_layers
+    low, high = 0.1, 0.6
+    prob = np.full((n, layers), low)
+    ramp = np.linspace(0, 1, layers)
+    prob[noised[-1]] = high - (high - low) * ramp
+    prob[-1] = low + (high - low) * ramp
+    if progress is not None:
+        progress(0, 2)
+        progress(2, 2)
+    target = ids[-1] if target is None else target  # other pages ask for the top-1 token
+    target_text = lm.tokenizer.decode([target])
+    return Trace(
+        prompt=prompt, tokens=[lm.tokenizer.decode([i]) for i in ids], token_ids=list(ids), noised=list(noised),
+        kind=kind, convention="input", window=window, target_id=int(target), target=target_text,
+        metrics={"prob": prob}, metric_low={"prob": low}, metric_high={"prob": high},
+        settings={"noised": list(noised)}, sigma=None, noise_std=noise,
+        clean_top=[(target_text, high)], corrupted_top=[(target_text, low)],
+    )
+
+
+@pytest.fixture(autouse=True)
+def keep_button_clicks(monkeypatch):
+    """AppTest resets Streamlit's legacy pages/ flag on every run, so the app's switch out of that
+    mode (a rerun) would fire on every run and drop button clicks; here it only clears the flag."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    from pages import common
+
+    monkeypatch.setattr(common, "leave_legacy_pages_mode",
+                        lambda: setattr(PagesManager, "uses_pages_directory", False))
+
+
+@pytest.fixture
+def fast_engine(monkeypatch, tmp_path):
+    monkeypatch.setenv("CAUSAL_TRACING_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(tracing.causal, "causal_trace", fake_trace)
+    return tmp_path / "results"
+
+
+def open_page() -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=600)
+    at.run()
+    at.switch_page(PAGE)
+    at.run()
+    return at
+
+
+def charts(at: AppTest) -> list:
+    return at.get("vega_lite_chart")
+
+
+def summary(at: AppTest):
+    """The category summary table (the data editor and the per-prompt table are dataframes too)."""
+    return next(d.value for d in at.dataframe if "transition_std" in d.value.columns)
+
+
+def test_page_renders_with_shipped_set(fast_engine):
+    at = open_page()
+    assert not at.exception
+    assert not at.error
+    assert any("54 prompts: 0 in the store, 54 to compute" in c.value for c in at.caption)
+    assert at.button(key="cat_run").label == "Trace 54 missing prompt(s)"
+    assert any("No traces yet" in i.value for i in at.info)
+
+
+def test_run_shows_charts_and_reruns_from_the_store(fast_engine):
+    at = open_page()
+    at.selectbox(key="cat_choice").set_value("quick").run()
+    at.number_input(key="cat_samples").set_value(2).run()
+    assert at.button(key="cat_run").label == "Trace 9 missing prompt(s)"
+    at.button(key="cat_run").click().run()
+    assert not at.exception and not at.error
+    assert any("Computed 9 trace(s), 0 from the store" in c.value for c in at.caption)
+    assert any("9 in the store, 0 to compute" in c.value for c in at.caption)
+    assert len(charts(at)) == 4  # heatmaps, lines, two scatter plots
+    table = summary(at)
+    assert list(table["group"]) == ["non_english", "plain_english", "semantic"]
+    assert list(table["prompts"]) == [3, 3, 3]
+    assert list(table["transition_layer"]) == [15.0, 15.0, 15.0]  # the fake rows cross mid-way
+    assert len(list(ResultStore(fast_engine).keys())) == 9
+
+    at.toggle(key="cat_combine").set_value(True).run()
+    assert list(summary(at)["group"]) == ["regurgitation", "semantic"]
+
+    # a bad choice (upload picked, nothing uploaded) keeps the set and the computed results
+    at.selectbox(key="cat_choice").set_value("Upload a CSV…").run()
+    assert not at.exception
+    assert len(charts(at)) == 4
+
+    # new settings: nothing stored for them yet
+    at.number_input(key="cat_samples").set_value(3).run()
+    assert any("0 in the store, 9 to compute" in c.value for c in at.caption)
+
+
+def test_stored_results_are_shown_without_running(fast_engine, embedded):
+    from tracing.batch import run_batch
+
+    frame = load_prompt_set(shipped_sets()["quick"]).head(2)
+    run_batch(embedded, frame, {"samples": 10}, ResultStore(fast_engine))
+    at = open_page()
+    at.selectbox(key="cat_choice").set_value("quick").run()
+    assert any("2 in the store, 7 to compute" in c.value for c in at.caption)
+    assert len(charts(at)) == 4
+    assert not at.exception
