@@ -4,7 +4,6 @@ import streamlit as st
 
 from pages import common
 
-common.leave_legacy_pages_mode()
 st.set_page_config(page_title="Causal tracing", page_icon=":material/biotech:", layout="wide")
 
 PAGES = [

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import traceback
+from pathlib import Path
 
 import altair as alt
 import pandas as pd
@@ -11,21 +13,38 @@ import streamlit as st
 import tracing
 
 MODEL_KEY = "model_name"
+OTHER = "Other (hub id, folder or .gguf)…"
+
+
+APP_SCRIPT = Path(__file__).resolve().parents[1] / "app.py"
 
 
 def leave_legacy_pages_mode() -> None:
-    """Rerun through app.py if Streamlit ran this script in its legacy `pages/` folder mode.
+    """Rerun through app.py when Streamlit ran this page on its own.
 
-    A fresh server that sees a `pages/` folder runs its very first script run the old way (the
-    requested page alone, with an automatic list of every file in `pages/`) until some run calls
-    st.navigation. This switches the server to app.py's navigation and reruns the same page.
+    A fresh server that sees a `pages/` folder makes its very first run the legacy way: the
+    requested page alone, with an automatic list of every file in `pages/`, until some run calls
+    st.navigation. A page that finds app.py absent from the call stack switches the server to
+    app.py's navigation and reruns (the same page, now with the sidebar and layout).
     """
     from streamlit.runtime.pages_manager import PagesManager
 
-    if PagesManager.uses_pages_directory:
-        PagesManager.uses_pages_directory = False
+    frame = sys._getframe(1)
+    while frame is not None:
+        if Path(frame.f_code.co_filename).resolve() == APP_SCRIPT:
+            return
+        frame = frame.f_back
+    PagesManager.uses_pages_directory = False
+    if not _under_app_test():  # AppTest resets the flag before every run; a rerun would drop clicks
         st.rerun()
-OTHER = "Other (hub id, folder or .gguf)…"
+
+
+def _under_app_test() -> bool:
+    from unittest.mock import Mock
+
+    from streamlit.runtime import Runtime
+
+    return isinstance(getattr(Runtime, "_instance", None), Mock)
 
 
 @st.cache_resource(show_spinner="Loading model…", max_entries=2)

@@ -48,18 +48,6 @@ def fake_trace(lm, prompt, noised, kind="hidden", noise=0.4, samples=10, seed=0,
     )
 
 
-@pytest.fixture(autouse=True)
-def keep_button_clicks(monkeypatch):
-    """AppTest resets Streamlit's legacy pages/ flag on every run, so the app's switch out of that
-    mode (a rerun) would fire on every run and drop button clicks; here it only clears the flag."""
-    from streamlit.runtime.pages_manager import PagesManager
-
-    from pages import common
-
-    monkeypatch.setattr(common, "leave_legacy_pages_mode",
-                        lambda: setattr(PagesManager, "uses_pages_directory", False))
-
-
 @pytest.fixture
 def fast_engine(monkeypatch, tmp_path):
     monkeypatch.setenv("CAUSAL_TRACING_RESULTS", str(tmp_path / "results"))

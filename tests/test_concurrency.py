@@ -12,6 +12,7 @@ import threading
 from typing import Any, Callable
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -58,6 +59,17 @@ def hidden_job(prompt: str, target: str | None) -> Callable:
     return run
 
 
+def top1_job(prompts_and_answers: list[tuple[str, str]]) -> Callable:
+    """The model's own forward (prompts.model_top1 calls ``lm.model(ids)``), next to the runner."""
+    def run(lm) -> dict[str, np.ndarray]:
+        from tracing.prompts import model_top1
+
+        frame = pd.DataFrame(prompts_and_answers, columns=["prompt", "expected"])
+        table = model_top1(lm, frame)
+        return {"top1_prob": table["top1_prob"].to_numpy(), "expected_prob": table["expected_prob"].to_numpy()}
+    return run
+
+
 TINY_JOBS: dict[str, Callable] = {
     "trace hidden 0.3": trace_job(EIFFEL, NOISED, kind="hidden", noise=0.3, samples=2),
     "trace mlp 0.5": trace_job(EIFFEL, NOISED, kind="mlp", noise=0.5, samples=2, window=2, contrast=" London"),
@@ -66,6 +78,7 @@ TINY_JOBS: dict[str, Callable] = {
     "trace hidden output 0.9": trace_job(OTHER, [4], kind="hidden", noise=0.9, samples=2, convention="output"),
     "attention": attention_job(EIFFEL, [0, 3, -1], layer=1),
     "hidden states + lens": hidden_job(OTHER, " Cardiff"),
+    "model forward (top-1)": top1_job([(EIFFEL, " Paris"), (OTHER, " Cardiff")]),
 }
 
 
@@ -95,20 +108,38 @@ def model_fingerprint(lm) -> dict[str, Any]:
     }
 
 
-def hooks_left(lm) -> list[str]:
-    """Modules of the model that carry hooks, and torch's global module hooks."""
+HOOK_KINDS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+              "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def hooks_of(lm) -> dict[str, tuple]:
+    """Every hook on the model's modules (and torch's global module hooks), by place.
+
+    Transformers itself installs permanent, inert output-capturing hooks the first time a model's
+    own forward is asked for attentions or hidden states (another test may have done that on
+    this shared model), so the tests compare with the hooks there were before, not with none.
+    """
     from torch.nn.modules import module as torch_module
 
-    found = []
+    found: dict[str, tuple] = {}
     for name, module in lm.model.named_modules():
-        for kind in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                     "_backward_pre_hooks", "_forward_hooks_with_kwargs"):
-            if getattr(module, kind, None):
-                found.append(f"{name or '<model>'}.{kind}")
+        for kind in HOOK_KINDS:
+            hooks = getattr(module, kind, None)
+            if hooks:
+                found[f"{name or '<model>'}.{kind}"] = tuple(
+                    (key, getattr(value, "__qualname__", repr(value))) for key, value in hooks.items())
     for kind in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks"):
-        if getattr(torch_module, kind, None):
-            found.append(f"torch.{kind}")
+        hooks = getattr(torch_module, kind, None)
+        if hooks:
+            found[f"torch.{kind}"] = tuple(hooks)
     return found
+
+
+def added_hooks(lm, before: dict[str, tuple]) -> dict[str, tuple]:
+    """Hooks that are on the model now but were not in ``before`` (and ones that went missing)."""
+    now = hooks_of(lm)
+    return {place: hooks for place, hooks in now.items() if before.get(place) != hooks} | {
+        place: ("missing",) for place in before if place not in now}
 
 
 def assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray], label: str) -> None:
@@ -151,7 +182,7 @@ def serial_results(lm, jobs: dict[str, Callable]) -> dict[str, dict[str, np.ndar
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_four_threads_mixed_calls_equal_serial(tiny, family):
     lm = tiny(family)
-    before = model_fingerprint(lm)
+    before, hooks = model_fingerprint(lm), hooks_of(lm)
     serial = serial_results(lm, TINY_JOBS)
     # the jobs give different numbers, so a mix-up between threads would be seen
     assert not np.array_equal(serial["trace hidden 0.3"]["metric.prob"],
@@ -176,12 +207,13 @@ def test_four_threads_mixed_calls_equal_serial(tiny, family):
         assert len(done) == 2 * len(names)
         for name, got in done:
             assert_same(got, serial[name], f"thread {i}, {name}")
-    assert hooks_left(lm) == []
+    assert added_hooks(lm, hooks) == {}
     assert model_fingerprint(lm) == before
 
 
 def test_a_thread_cancelling_midway_does_not_disturb_the_others(tiny):
     lm = tiny("qwen2")
+    hooks = hooks_of(lm)
     jobs = {k: TINY_JOBS[k] for k in ("trace hidden 0.3", "trace mlp 0.5", "attention")}
     serial = serial_results(lm, jobs)
     seen: list[tuple[int, int]] = []
@@ -205,13 +237,13 @@ def test_a_thread_cancelling_midway_does_not_disturb_the_others(tiny):
     assert any(0 < done < total for done, total in seen), "the trace was not cancelled midway"
     for name in jobs:
         assert_same(results[name], serial[name], name)
-    assert hooks_left(lm) == []
+    assert added_hooks(lm, hooks) == {}
 
 
 @pytest.mark.parametrize("kind", ["hidden", "mlp", "attn"])
 def test_cancelled_trace_leaves_no_hooks_and_same_numbers_after(tiny, kind):
     lm = tiny("gpt_neox")
-    before = model_fingerprint(lm)
+    before, hooks = model_fingerprint(lm), hooks_of(lm)
     clear_engine_caches()
     want = _trace_numbers(causal_trace(lm, EIFFEL, NOISED, kind=kind, noise=0.5, samples=2, window=2))
     calls: list[tuple[int, int]] = []
@@ -226,7 +258,7 @@ def test_cancelled_trace_leaves_no_hooks_and_same_numbers_after(tiny, kind):
                      progress=progress, token_rows_per_batch=1)
     done, total = calls[-1]
     assert 0 < done < total, calls
-    assert hooks_left(lm) == []
+    assert added_hooks(lm, hooks) == {}
     got = _trace_numbers(causal_trace(lm, EIFFEL, NOISED, kind=kind, noise=0.5, samples=2, window=2))
     assert_same(got, want, f"{kind} after a cancelled trace")
     assert model_fingerprint(lm) == before
@@ -242,7 +274,7 @@ def test_trace_failing_midway_with_hooks_in_place_leaves_none(tiny, monkeypatch,
     """A block raises while the trace's temporary hooks are registered: they are removed, and
     the model gives the same numbers afterwards."""
     lm = tiny("llama")
-    before = model_fingerprint(lm)
+    before, hooks = model_fingerprint(lm), hooks_of(lm)
     clear_engine_caches()
     want = _trace_numbers(causal_trace(lm, EIFFEL, NOISED, kind=kind, noise=0.5, samples=2, window=2))
     if where == "clean run":
@@ -251,10 +283,10 @@ def test_trace_failing_midway_with_hooks_in_place_leaves_none(tiny, monkeypatch,
     original = Runner.run_block
 
     def failing(self, layer, hidden_state, context, cache=None):
-        if hooks_left(lm):
+        if added_hooks(lm, hooks):  # the trace's temporary hooks are in place
             hooked_calls["n"] += 1
             if hooked_calls["n"] == 2:
-                hooked_calls["raised_with_hooks"] = hooks_left(lm)
+                hooked_calls["raised_with_hooks"] = added_hooks(lm, hooks)
                 raise Boom(f"block {layer} failed")
         return original(self, layer, hidden_state, context, cache)
 
@@ -263,7 +295,7 @@ def test_trace_failing_midway_with_hooks_in_place_leaves_none(tiny, monkeypatch,
         causal_trace(lm, EIFFEL, NOISED, kind=kind, noise=0.5, samples=2, window=2)
     monkeypatch.setattr(Runner, "run_block", original)
     assert hooked_calls["raised_with_hooks"], "the failure did not happen while hooks were in place"
-    assert hooks_left(lm) == []
+    assert added_hooks(lm, hooks) == {}
     got = _trace_numbers(causal_trace(lm, EIFFEL, NOISED, kind=kind, noise=0.5, samples=2, window=2))
     assert_same(got, want, f"{kind} after a failure in the {where}")
     assert model_fingerprint(lm) == before
@@ -271,6 +303,7 @@ def test_trace_failing_midway_with_hooks_in_place_leaves_none(tiny, monkeypatch,
 
 def test_progress_callback_raising_and_bad_target_leave_no_hooks(tiny):
     lm = tiny("gpt2")
+    hooks = hooks_of(lm)
     want = _trace_numbers(causal_trace(lm, EIFFEL, NOISED, kind="mlp", samples=2, window=2))
 
     def progress(done: int, total: int) -> None:
@@ -279,12 +312,12 @@ def test_progress_callback_raising_and_bad_target_leave_no_hooks(tiny):
 
     with pytest.raises(KeyError):
         causal_trace(lm, EIFFEL, NOISED, kind="mlp", samples=2, window=2, progress=progress)
-    assert hooks_left(lm) == []
+    assert added_hooks(lm, hooks) == {}
     with pytest.raises(ValueError, match="outside the vocabulary"):
         causal_trace(lm, EIFFEL, NOISED, kind="mlp", samples=2, window=2, target=10**9)
-    with pytest.raises(ValueError, match="tokenizes to nothing"):
+    with pytest.raises(ValueError, match="empty|tokenizes to nothing"):
         causal_trace(lm, EIFFEL, NOISED, kind="mlp", samples=2, window=2, target="")
-    assert hooks_left(lm) == []
+    assert added_hooks(lm, hooks) == {}
     got = _trace_numbers(causal_trace(lm, EIFFEL, NOISED, kind="mlp", samples=2, window=2))
     assert_same(got, want, "after failures")
 
@@ -293,6 +326,7 @@ def test_recorded_attention_in_one_thread_does_not_switch_others(tiny):
     """While one thread records attention (eager weights), another thread's plain forward runs
     the default implementation and gets its usual numbers."""
     lm = tiny("llama")
+    hooks = hooks_of(lm)
     want_states = hidden.final_token_states(lm, EIFFEL)
     want_attention = A.attention_to(lm, OTHER, [0, -1])
     got: dict[str, list] = {"states": [], "attention": []}
@@ -310,6 +344,7 @@ def test_recorded_attention_in_one_thread_does_not_switch_others(tiny):
         np.testing.assert_array_equal(value, want_states)
     for value in got["attention"]:
         np.testing.assert_array_equal(value, want_attention)
+    assert added_hooks(lm, hooks) == {}
     assert lm.model.config._attn_implementation == tracing.runner.ATTENTION_IMPLEMENTATION
 
 
@@ -327,7 +362,7 @@ def test_four_threads_on_the_embedded_model_equal_serial(embedded):
         "attention": attention_job(prompt, [0, *noised, -1], layer=12),
         "hidden states + lens": hidden_job("The capital city of Wales is called", " Cardiff"),
     }
-    before = model_fingerprint(embedded)
+    before, hooks = model_fingerprint(embedded), hooks_of(embedded)
     serial = serial_results(embedded, jobs)
     assert not np.array_equal(serial["trace hidden"]["metric.prob"], serial["trace mlp"]["metric.prob"])
     results: dict[str, dict] = {}
@@ -339,6 +374,6 @@ def test_four_threads_on_the_embedded_model_equal_serial(embedded):
     run_threads([work(name) for name in jobs])
     for name in jobs:
         assert_same(results[name], serial[name], name)
-    assert hooks_left(embedded) == []
+    assert added_hooks(embedded, hooks) == {}
     assert model_fingerprint(embedded) == before
     assert torch.is_inference_mode_enabled() is False
