@@ -14,6 +14,7 @@ import tracing
 
 MODEL_KEY = "model_name"
 OTHER = "Other (hub id, folder or .gguf)…"
+FAILED_KEY = "model_failed"  # (name, message) of the last name that failed to load
 
 
 APP_SCRIPT = Path(__file__).resolve().parents[1] / "app.py"
@@ -35,16 +36,7 @@ def leave_legacy_pages_mode() -> None:
             return
         frame = frame.f_back
     PagesManager.uses_pages_directory = False
-    if not _under_app_test():  # AppTest resets the flag before every run; a rerun would drop clicks
-        st.rerun()
-
-
-def _under_app_test() -> bool:
-    from unittest.mock import Mock
-
-    from streamlit.runtime import Runtime
-
-    return isinstance(getattr(Runtime, "_instance", None), Mock)
+    st.rerun()
 
 
 @st.cache_resource(show_spinner="Loading model…", max_entries=2)
@@ -66,17 +58,27 @@ def model_sidebar() -> None:
         options = list(tracing.EXAMPLE_MODELS) + [OTHER]
         current = st.session_state[MODEL_KEY]
         index = options.index(current) if current in options else len(options) - 1
-        choice = st.selectbox("Model", options, index=index, label_visibility="collapsed")
+        choice = st.selectbox(
+            "Model", options, index=index, label_visibility="collapsed", key="model_picker"
+        )
         if choice == OTHER:
             choice = st.text_input(
-                "Hub id, local folder or .gguf path", value="" if current in options else current
+                "Hub id, local folder or .gguf path",
+                value="" if current in options else current,
+                key="model_other",
             ).strip()
-        if choice and choice != current:
+        failed = st.session_state.get(FAILED_KEY)
+        if choice and choice != current and failed and failed[0] == choice:
+            st.error(failed[1])  # not retried on every rerun
+        elif choice and choice != current:
             try:
                 cached_model(choice)
                 st.session_state[MODEL_KEY] = choice
+                st.session_state.pop(FAILED_KEY, None)
             except Exception as exc:  # noqa: BLE001 - shown to the user, previous model kept
-                st.error(f"{exc}\n\nStill using **{current}**.")
+                message = f"{exc}\n\nStill using **{current}**."
+                st.session_state[FAILED_KEY] = (choice, message)
+                st.error(message)
         lm = current_model()
         facts = lm.facts()
         st.caption(

@@ -17,6 +17,24 @@ from tracing.models import model_from_config  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+
+def _always_app_navigation() -> None:
+    """Make AppTest run app.py's st.navigation on every run, as a live server does after its
+    first run. (AppTest resets Streamlit's legacy `pages/` folder flag before each run, which
+    would otherwise run a selected page on its own, without app.py and its sidebar.)"""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    original = PagesManager.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        PagesManager.uses_pages_directory = False
+
+    PagesManager.__init__ = init
+
+
+_always_app_navigation()
+
 FAMILIES = ("gpt2", "llama", "qwen2", "gpt_neox", "gptj")
 
 

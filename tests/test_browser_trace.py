@@ -86,10 +86,9 @@ def server(playwright_api):
 
 def _idle(page) -> None:
     """Wait until the script has stopped running."""
-    deadline = time.time() + WAIT_S
-    time.sleep(1)
-    while page.locator('[data-testid="stStatusWidget"]').count() and time.time() < deadline:
-        time.sleep(0.5)
+    from browser import wait_idle
+
+    wait_idle(page, timeout=WAIT_S)
 
 
 def _metric(page, label: str) -> str:

@@ -150,6 +150,7 @@ def test_subject_positions(tiny):
 def test_concurrent_traces_equal_serial(tiny):
     """Four threads tracing on one shared model get exactly what they get alone."""
     lm = tiny("llama")
+    hooks_before = {id(m): (len(m._forward_hooks), len(m._forward_pre_hooks)) for m in lm.model.modules()}
     jobs = [dict(kind=k, noise=n) for k, n in (("hidden", 0.3), ("mlp", 0.5), ("attn", 0.7), ("hidden", 0.9))]
     serial = [causal_trace(lm, EIFFEL, NOISED, samples=2, window=2, **job).scores for job in jobs]
     results: list = [None] * len(jobs)
@@ -164,8 +165,8 @@ def test_concurrent_traces_equal_serial(tiny):
         th.join()
     for got, want in zip(results, serial):
         np.testing.assert_array_equal(got, want)
-    for module in lm.model.modules():
-        assert not module._forward_hooks and not module._forward_pre_hooks
+    hooks_after = {id(m): (len(m._forward_hooks), len(m._forward_pre_hooks)) for m in lm.model.modules()}
+    assert hooks_after == hooks_before  # (transformers may own permanent recording hooks)
 
 
 @pytest.mark.slow

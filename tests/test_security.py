@@ -13,7 +13,6 @@ from __future__ import annotations
 import ast
 import json
 import logging
-import os
 import pickle
 import shutil
 import struct

@@ -44,6 +44,8 @@ def token_labels(lm, ids: Sequence[int]) -> list[str]:
 
 def resolve_positions(positions: Sequence[int], n_tokens: int) -> list[int]:
     """Absolute key positions; negative ones count from the end (-1 = final token)."""
+    if len(positions) == 0:
+        raise ValueError("No token positions given: pick at least one.")
     out = []
     for p in positions:
         if isinstance(p, bool) or not isinstance(p, (int, np.integer)):
@@ -102,7 +104,7 @@ def attention_pattern(lm, prompt: str, layer: int) -> np.ndarray:
     Runs only blocks 0..layer. Row q holds what token q attends to (zeros after q).
     """
     ids = prompt_ids(lm, prompt)
-    if isinstance(layer, bool) or not 0 <= int(layer) < lm.n_layers:
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= int(layer) < lm.n_layers:
         raise ValueError(f"Layer {layer} is out of range: the model has {lm.n_layers} layers (0..{lm.n_layers - 1}).")
     kept: dict[int, np.ndarray] = {}
 
@@ -339,6 +341,11 @@ def first_token_attention(lm, window: Sequence[int]) -> np.ndarray:
     Memory-bounded: the recorder keeps only column 0 of each layer's weights.
     """
     ids = torch.as_tensor(np.asarray(window, dtype=np.int64))[None]
+    vocab = lm.model.get_submodule(lm.adapter.token_embedding).weight.shape[0]
+    if ids.shape[-1] == 0:
+        raise ValueError("The window is empty: it has no tokens.")
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise ValueError(f"Token ids must be in the vocabulary (0 to {vocab - 1}).")
     if ids.shape[-1] > lm.n_ctx:
         raise ValueError(f"{ids.shape[-1]} tokens exceed the model's context of {lm.n_ctx}.")
     out = np.zeros((lm.n_layers, lm.n_heads, ids.shape[-1]), dtype=np.float32)

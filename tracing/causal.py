@@ -172,7 +172,7 @@ def _check_noised(noised: Sequence[int], n_tokens: int) -> list[int]:
     return sorted(set(out))
 
 
-def _check_settings(kind, noise, samples, window, corruption, noise_mode, convention) -> None:
+def _check_settings(kind, noise, samples, window, corruption, noise_mode, convention, seed=0) -> None:
     if kind not in KINDS:
         raise ValueError(f"Unknown kind '{kind}'. Use one of: {', '.join(KINDS)}.")
     if corruption not in CORRUPTIONS:
@@ -192,6 +192,8 @@ def _check_settings(kind, noise, samples, window, corruption, noise_mode, conven
         raise ValueError(f"samples must be an integer >= 1, not {samples!r}.")
     if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
         raise ValueError(f"window must be an integer >= 1, not {window!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**63:
+        raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, not {seed!r}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,7 +485,7 @@ def causal_trace(
     ``progress(done, total)`` returns False.
     """
     started = time.perf_counter()
-    _check_settings(kind, noise, samples, window, corruption, noise_mode, convention)
+    _check_settings(kind, noise, samples, window, corruption, noise_mode, convention, seed)
     ids = tokenize(lm, prompt)
     noised = _check_noised(noised, len(ids))
     replacement_ids = None

@@ -26,7 +26,7 @@ import torch
 
 from .prompts import REGURGITATION
 from .runner import Runner
-from .tokens import completion_token, tokenize
+from .tokens import answer_token, completion_token, tokenize
 
 MEASURES: dict[str, str] = {
     "norm": "Norm |h(l)|",
@@ -182,11 +182,7 @@ def logit_lens(lm, prompt: str, k: int = 5, target: str | int | None = None) -> 
 def _resolve_target(lm, prompt: str, target: str | int | None, final_probs: torch.Tensor) -> int:
     if target is None:
         return int(final_probs.argmax())
-    if isinstance(target, (int, np.integer)):
-        if not 0 <= int(target) < final_probs.shape[-1]:
-            raise ValueError(f"Token id {target} is outside the vocabulary.")
-        return int(target)
-    return target_token_id(lm, prompt, target)
+    return answer_token(lm, target, "target", prompt)
 
 
 def _measures(states: torch.Tensor, probs: torch.Tensor, target_id: int) -> dict[str, np.ndarray]:

@@ -272,6 +272,12 @@ def load_model(
     else:
         config = AutoConfig.from_pretrained(location)
     adapter = adapter_for(config.model_type)
+    weights_file = str(getattr(config, "transformers_weights", "") or "")
+    if weights_file and not allow_pickle and not weights_file.endswith((".safetensors", ".safetensors.index.json")):
+        raise ModelLoadError(
+            f"'{name}' names a pickle checkpoint ({weights_file}) in its config.json. Only safetensors "
+            "weights are loaded by default; pickle checkpoints need an explicit allow_pickle=True."
+        )
     torch_device = pick_device(device)
     torch_dtype = _pick_dtype(torch_device, dtype)
     if allow_pickle:

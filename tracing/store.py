@@ -134,7 +134,7 @@ class ResultStore:
         return result_key(lm, prompt, settings)
 
     def _paths(self, key: str) -> tuple[Path, Path]:
-        if not isinstance(key, str) or not _KEY.match(key):
+        if not isinstance(key, str) or not _KEY.fullmatch(key):
             raise ValueError(f"Invalid result key {key!r}: expected 64 lowercase hex characters.")
         folder = self.root / key[:2]
         return folder / f"{key}.json", folder / f"{key}.safetensors"
@@ -229,5 +229,5 @@ class ResultStore:
         if not self.root.is_dir():
             return
         for path in sorted(self.root.glob("??/*.json")):
-            if _KEY.match(path.stem):
+            if _KEY.fullmatch(path.stem):
                 yield path.stem
