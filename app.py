@@ -13,6 +13,6 @@ PAGES = [
     st.Page("pages/hidden_states.py", title="Hidden states", icon=":material/timeline:"),
 ]
 
-page = st.navigation(PAGES)
+page = st.navigation(PAGES, position="top")
 common.model_sidebar()
 page.run()

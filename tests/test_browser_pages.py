@@ -153,8 +153,8 @@ def test_hidden_states_page(server, page):
 
 
 def _nav_labels(page) -> tuple[str, ...]:
-    """Page names in the sidebar navigation (the last line of each link: icons come first)."""
-    links = page.locator('[data-testid="stSidebarNav"] a')
+    """Page names in the navigation shown, sidebar or top bar (the last line of each link)."""
+    links = page.locator('[data-testid="stSidebarNav"] a, [data-testid="stTopNavLink"]')
     return tuple(links.nth(i).inner_text().strip().split("\n")[-1].strip() for i in range(links.count()))
 
 
