@@ -8,8 +8,6 @@ and knows the keyword names its blocks take. Everything else in the library is a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 from torch import nn
 
@@ -33,9 +31,6 @@ class Adapter:
     position_embedding: str | None = None  # learned absolute positions (GPT-2)
     rotary: str | None = None  # module computing rotary (cos, sin) for the blocks
     cache_kwarg: str = "cache"
-
-    def get(self, model: nn.Module, path: str) -> nn.Module:
-        return model.get_submodule(path)
 
     def call_block(
         self,
@@ -119,5 +114,3 @@ def adapter_for(model_type: str) -> Adapter:
         f"Architecture '{model_type}' is not supported. Supported families: {supported_families()}."
     )
 
-
-ModulePicker = Callable[[nn.Module], nn.Module]
