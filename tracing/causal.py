@@ -450,10 +450,8 @@ def _trace_token(
                 break
             patch_rows[layer] = [i for i, r in enumerate(active) if layer in r.patch_layers]
             hidden = runner.run_block(layer, hidden, context, cache)
-    logits = runner.logits(hidden[:, -1])
-    order = {id(r): i for i, r in enumerate(active)}
-    logits = logits.view(len(active), samples, -1)
-    return logits[[order[id(r)] for r in rows]]
+    # rows come sorted by start layer, so they joined the batch in their own order
+    return runner.logits(hidden[:, -1]).view(len(active), samples, -1)
 
 
 # ---------------------------------------------------------------------------------------------
