@@ -180,7 +180,7 @@ def section_by_type(stored: dict) -> None:
     common.chart_downloads(chart, f"attention_{target}_by_type_{scale}", summary[summary["target"] == target])
     with st.expander("Every number (prompt × layer × head × target)"):
         st.download_button("CSV", A.long_frame(result).to_csv(index=False), "attention_per_prompt_head.csv",
-                           "text/csv", key="attn_all_csv")
+                           "text/csv", key="attn_all_csv", on_click="ignore")
         st.dataframe(result.table, hide_index=True, width="stretch")
 
 

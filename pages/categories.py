@@ -87,7 +87,7 @@ def edit_set(lm) -> pd.DataFrame | None:
             st.dataframe(flagged[["category", "prompt", "subject", "problems"]], width="stretch")
     stem = state["name"].rsplit(".", 1)[0]
     st.download_button("Download the edited set (CSV)", prompts.prompt_set_to_csv(checked),
-                       f"{stem}-edited.csv", "text/csv", key="cat_download_set")
+                       f"{stem}-edited.csv", "text/csv", key="cat_download_set", on_click="ignore")
     return checked
 
 

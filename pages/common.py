@@ -107,10 +107,12 @@ def chart_downloads(chart: alt.TopLevelMixin, stem: str, data: pd.DataFrame | No
     from tracing.charts import to_png, to_svg
 
     cols = st.columns([1, 1, 1, 6])
-    icon = ":material/download:"
-    cols[0].download_button("PNG", lambda: to_png(chart), f"{stem}.png", "image/png", key=f"{stem}-png", icon=icon)
-    cols[1].download_button("SVG", lambda: to_svg(chart), f"{stem}.svg", "image/svg+xml", key=f"{stem}-svg", icon=icon)
+    files = [("PNG", lambda: to_png(chart), "png", "image/png"),
+             ("SVG", lambda: to_svg(chart), "svg", "image/svg+xml")]
     if data is not None:
-        cols[2].download_button(
-            "CSV", lambda: data.to_csv(index=False), f"{stem}.csv", "text/csv", key=f"{stem}-csv", icon=icon
-        )
+        files.append(("CSV", lambda: data.to_csv(index=False), "csv", "text/csv"))
+    for col, (label, make, suffix, mime) in zip(cols, files):
+        # on_click="ignore": a download does not rerun the page (nothing to redo, and a rerun
+        # would replace the button's pending file while the browser asks for it)
+        col.download_button(label, make, f"{stem}.{suffix}", mime, key=f"{stem}-{suffix}",
+                            icon=":material/download:", on_click="ignore")

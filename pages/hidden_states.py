@@ -115,7 +115,7 @@ def trajectory_section(model_name: str, picked: tuple[pd.DataFrame, str] | None)
     with st.expander("Per-prompt values"):
         st.dataframe(frame, hide_index=True, width="stretch")
         st.download_button("CSV (every prompt)", frame.to_csv(index=False),
-                           "hidden_trajectories_per_prompt.csv", "text/csv", key="hidden_pp_csv")
+                           "hidden_trajectories_per_prompt.csv", "text/csv", key="hidden_pp_csv", on_click="ignore")
 
 
 def _fill_from_set(frame: pd.DataFrame) -> None:

@@ -497,10 +497,10 @@ def export_tab(lm: tracing.LoadedModel, traces: dict[str, Trace], metric: str, s
         which = f" · {KIND_NAMES[kind]}" if len(traces) > 1 else ""
         c1.download_button(f"JSON{which}", _later(runcard.to_json, trace, metric, model, page),
                            f"{stem}.json", "application/json", key=f"trace_json_{kind}",
-                           icon=":material/download:")
+                           icon=":material/download:", on_click="ignore")
         c2.download_button(f"CSV{which}", _later(runcard.to_csv, trace, metric, model),
                            f"{stem}.csv", "text/csv", key=f"trace_csv_{kind}",
-                           icon=":material/download:")
+                           icon=":material/download:", on_click="ignore")
         with c3.expander(f"Run card ({KIND_NAMES[kind]})"):
             st.json(runcard.run_card(trace, metric, model, page), expanded=1)
 

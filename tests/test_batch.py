@@ -67,6 +67,10 @@ def test_normalised_rows_and_transition_layer():
     assert transition_layer(r.trace) == 2
     assert transition_layer(hand_set()[2].trace) == 1
     assert transition_layer(fake("semantic", [1, 1], [0, 0], 0, 1).trace) is None
+    # the final token wins at layer 1, loses at 2, wins for good from 3: the transition is 3,
+    # as on the trace page (charts.transition_layer), not the first crossing
+    wobbly = fake("semantic", [0.5, 0.2, 0.6, 0.1], [0.1, 0.3, 0.2, 0.9], low=0.1, high=0.9)
+    assert transition_layer(wobbly.trace) == 3
     flat = fake("semantic", [0.2, 0.2], [0.2, 0.2], low=0.2, high=0.2)
     assert np.isnan(normalised_rows(flat.trace)[0]).all()
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -96,6 +97,28 @@ def _metric(page, label: str) -> str:
     return box.locator('[data-testid="stMetricValue"]').inner_text()
 
 
+def _download(page, label: str) -> bytes:
+    """Click a download button and return the file. A second click is allowed (and reported as a
+    warning with what the page and server said), as a user would click again."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    button = page.locator('[data-testid="stDownloadButton"]').filter(has_text=label).first
+    failures = []
+    for _ in range(2):
+        try:
+            with page.expect_download(timeout=60_000) as download:
+                button.click()
+            if failures:
+                warnings.warn(f"{label} download needed a second click: {failures}")
+            return Path(download.value.path()).read_bytes()
+        except PlaywrightTimeout:
+            shown = page.locator('[data-testid="stDownloadButtonError"]')
+            log = (ARTIFACTS / "browser_trace_server.log").read_text(errors="replace")[-3000:]
+            failures.append({"button error": shown.all_inner_texts(), "server log tail": log})
+            page.screenshot(path=str(ARTIFACTS / f"trace_download_failed_{len(failures)}.png"))
+    pytest.fail(f"no {label} download after two clicks: {failures}")
+
+
 def test_slider_retraces_in_a_real_browser(playwright_api, server):
     seed = random.randrange(1000, 10**6)  # a setting never traced: the page really computes
     query = urlencode({"prompt": "The Eiffel Tower is in", "noise_by": "tokens", "tokens": "3",
@@ -127,8 +150,6 @@ def test_slider_retraces_in_a_real_browser(playwright_api, server):
         assert after_value != before_value
         assert after != before, "the heatmap did not change"
         assert not page.locator('[data-testid="stException"]').count()
-        with page.expect_download(timeout=120_000) as download:
-            page.locator('[data-testid="stDownloadButton"]').filter(has_text="PNG").first.click()
-        png = Path(download.value.path()).read_bytes()
+        png = _download(page, "PNG")
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
         browser.close()

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from .causal import handover_layer
 from .prompts import CATEGORIES, REGURGITATION, expected_token_id, resolve_noised
 from .store import ResultStore, canonical_settings
 
@@ -202,11 +203,10 @@ def normalised_rows(trace) -> tuple[np.ndarray, np.ndarray]:
 
 
 def transition_layer(trace) -> int | None:
-    """First layer where restoring the final token beats restoring the noised token (raw p)."""
+    """``handover_layer`` of the raw p rows: first layer from which restoring the final token beats
+    restoring the noised token at every later layer (the trace page's definition too)."""
     scores = np.asarray(trace.scores)
-    final, noised = scores[len(trace.tokens) - 1], scores[noised_index(trace)]
-    above = np.nonzero(final > noised)[0]
-    return int(above[0]) if len(above) else None
+    return handover_layer(scores[noised_index(trace)], scores[len(trace.tokens) - 1])
 
 
 def is_correct(trace) -> bool:

@@ -155,6 +155,19 @@ class Trace:
         return cls(metrics=metrics, **fields)
 
 
+def handover_layer(noised_row: Sequence[float], final_row: Sequence[float],
+                   lower_is_better: bool = False) -> int | None:
+    """First layer from which restoring the final token beats restoring the noised token at every
+    later layer (the seed study's "transition"); None when the final token does not win at the
+    last layer. Both rows are one value per layer of the same metric."""
+    noised, final = np.asarray(noised_row, dtype=np.float64), np.asarray(final_row, dtype=np.float64)
+    beats = final < noised if lower_is_better else final > noised
+    if not len(beats) or not beats[-1]:
+        return None
+    losing = np.flatnonzero(~beats)
+    return int(losing[-1] + 1) if len(losing) else 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Input checks
 

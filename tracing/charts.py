@@ -20,7 +20,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from .causal import Trace
+from .causal import Trace, handover_layer
 
 PALETTES = {"hidden": "purples", "mlp": "greens", "attn": "reds"}
 # ColorBrewer / matplotlib ramps (ROME's cmaps), from white: Vega's own schemes start tinted.
@@ -294,19 +294,14 @@ def strongest_noised(trace: Trace, metric: str = "prob") -> int:
 
 
 def transition_layer(trace: Trace, metric: str = "prob", token: int | None = None) -> int | None:
-    """First layer from which restoring the final token beats restoring the noised token at every
-    later layer (the seed study's "transition"); None when it never does, or when the final token
-    is itself noised. ``token`` defaults to the strongest noised token (``strongest_noised``)."""
+    """The trace's ``handover_layer``: first layer from which restoring the final token beats
+    restoring the noised token at every later layer; None when it never does, or when the final
+    token is itself noised. ``token`` defaults to the strongest noised token (``strongest_noised``)."""
     if trace.last_token_noised or not trace.noised:
         return None
     values = trace.metric(metric)
     noised = values[strongest_noised(trace, metric) if token is None else token]
-    final = values[-1]
-    beats = final < noised if metric in LOWER_IS_BETTER else final > noised
-    if not beats[-1]:
-        return None
-    losing = np.flatnonzero(~beats)
-    return int(losing[-1] + 1) if len(losing) else 0
+    return handover_layer(noised, values[-1], metric in LOWER_IS_BETTER)
 
 
 def compact_frame(trace: Trace, metric: str = "prob") -> pd.DataFrame:
