@@ -160,8 +160,9 @@ def show_results(results: list[batch.PromptResult], n_layers: int) -> None:
         st.altair_chart(lines)
         common.chart_downloads(lines, "category-lines", averages)
     st.subheader("Confounds: transition layer per prompt")
-    st.caption("Transition layer: the first layer where restoring the final token beats restoring "
-               "the noised token. Prompts in the averages only.")
+    st.caption("Transition layer: the first layer from which restoring the final token beats "
+               "restoring the noised token at every later layer (as on the trace page). Prompts in "
+               "the averages only.")
     left, right = st.columns(2)
     for column, x in ((left, "token_distance"), (right, "clean_prob")):
         with column:

@@ -106,13 +106,13 @@ def chart_downloads(chart: alt.TopLevelMixin, stem: str, data: pd.DataFrame | No
     """
     from tracing.charts import to_png, to_svg
 
-    cols = st.columns([1, 1, 1, 6])
+    row = st.container(horizontal=True, gap="small")  # buttons as wide as their labels
     files = [("PNG", lambda: to_png(chart), "png", "image/png"),
              ("SVG", lambda: to_svg(chart), "svg", "image/svg+xml")]
     if data is not None:
         files.append(("CSV", lambda: data.to_csv(index=False), "csv", "text/csv"))
-    for col, (label, make, suffix, mime) in zip(cols, files):
+    for label, make, suffix, mime in files:
         # on_click="ignore": a download does not rerun the page (nothing to redo, and a rerun
         # would replace the button's pending file while the browser asks for it)
-        col.download_button(label, make, f"{stem}.{suffix}", mime, key=f"{stem}-{suffix}",
+        row.download_button(label, make, f"{stem}.{suffix}", mime, key=f"{stem}-{suffix}",
                             icon=":material/download:", on_click="ignore")

@@ -438,7 +438,8 @@ def summary(trace: Trace, metric: str, source: str) -> None:
                    help=f"token {t} {charts.show_token(trace.tokens[t])}, layer {layer}")
     cols[3].metric("Transition layer", "none" if transition is None else str(transition),
                    help="First layer from which restoring the final token beats restoring the "
-                        "(last) noised token at every later layer.")
+                        "noised token (the one that helps most, when several are noised) at every "
+                        "later layer.")
     loaded = {"session": "Loaded from this session's cache.",
               "store": "Loaded from the result store (on disk)."}.get(source, "Just computed.")
     cols[4].metric("Computed in", f"{trace.elapsed:.1f} s", help=loaded)
