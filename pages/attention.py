@@ -179,8 +179,8 @@ def section_by_type(stored: dict) -> None:
     st.altair_chart(chart, width="content")
     common.chart_downloads(chart, f"attention_{target}_by_type_{scale}", summary[summary["target"] == target])
     with st.expander("Every number (prompt × layer × head × target)"):
-        st.download_button("CSV", A.long_frame(result).to_csv(index=False), "attention_per_prompt_head.csv",
-                           "text/csv", key="attn_all_csv", on_click="ignore")
+        common.download_button("CSV", A.long_frame(result).to_csv(index=False),
+                               "attention_per_prompt_head.csv", "text/csv", "attn_all_csv")
         st.dataframe(result.table, hide_index=True, width="stretch")
 
 

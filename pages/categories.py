@@ -86,8 +86,8 @@ def edit_set(lm) -> pd.DataFrame | None:
         with st.expander(f"{len(flagged)} prompt(s) break a constraint of the study"):
             st.dataframe(flagged[["category", "prompt", "subject", "problems"]], width="stretch")
     stem = state["name"].rsplit(".", 1)[0]
-    st.download_button("Download the edited set (CSV)", prompts.prompt_set_to_csv(checked),
-                       f"{stem}-edited.csv", "text/csv", key="cat_download_set", on_click="ignore")
+    common.download_button("Download the edited set (CSV)", prompts.prompt_set_to_csv(checked),
+                           f"{stem}-edited.csv", "text/csv", "cat_download_set")
     return checked
 
 

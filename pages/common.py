@@ -98,6 +98,16 @@ def show_error(exc: BaseException, what: str = "That did not work") -> None:
             st.code("".join(traceback.format_exception(exc)))
 
 
+def download_button(label: str, data, file_name: str, mime: str, key: str, *, icon: str | None = None,
+                    where=None) -> None:
+    """``st.download_button`` (in ``where``, default the page) that never reruns the page.
+
+    A download has nothing to redo, and a rerun would replace a lazily made file (``data`` a
+    callable) while the browser is asking for it.
+    """
+    (where or st).download_button(label, data, file_name, mime, key=key, icon=icon, on_click="ignore")
+
+
 def chart_downloads(chart: alt.TopLevelMixin, stem: str, data: pd.DataFrame | None = None) -> None:
     """PNG, SVG (vl-convert) and CSV download buttons for a chart.
 
@@ -112,7 +122,5 @@ def chart_downloads(chart: alt.TopLevelMixin, stem: str, data: pd.DataFrame | No
     if data is not None:
         files.append(("CSV", lambda: data.to_csv(index=False), "csv", "text/csv"))
     for label, make, suffix, mime in files:
-        # on_click="ignore": a download does not rerun the page (nothing to redo, and a rerun
-        # would replace the button's pending file while the browser asks for it)
-        row.download_button(label, make, f"{stem}.{suffix}", mime, key=f"{stem}-{suffix}",
-                            icon=":material/download:", on_click="ignore")
+        download_button(label, make, f"{stem}.{suffix}", mime, f"{stem}-{suffix}",
+                        icon=":material/download:", where=row)

@@ -114,8 +114,8 @@ def trajectory_section(model_name: str, picked: tuple[pd.DataFrame, str] | None)
         common.chart_downloads(chart, "hidden_trajectories", summary)
     with st.expander("Per-prompt values"):
         st.dataframe(frame, hide_index=True, width="stretch")
-        st.download_button("CSV (every prompt)", frame.to_csv(index=False),
-                           "hidden_trajectories_per_prompt.csv", "text/csv", key="hidden_pp_csv", on_click="ignore")
+        common.download_button("CSV (every prompt)", frame.to_csv(index=False),
+                               "hidden_trajectories_per_prompt.csv", "text/csv", "hidden_pp_csv")
 
 
 def _fill_from_set(frame: pd.DataFrame) -> None:

@@ -496,12 +496,12 @@ def export_tab(lm: tracing.LoadedModel, traces: dict[str, Trace], metric: str, s
         page = {**state, "kind": kind}
         c1, c2, c3 = st.columns([1, 1, 4], vertical_alignment="center")
         which = f" · {KIND_NAMES[kind]}" if len(traces) > 1 else ""
-        c1.download_button(f"JSON{which}", _later(runcard.to_json, trace, metric, model, page),
-                           f"{stem}.json", "application/json", key=f"trace_json_{kind}",
-                           icon=":material/download:", on_click="ignore")
-        c2.download_button(f"CSV{which}", _later(runcard.to_csv, trace, metric, model),
-                           f"{stem}.csv", "text/csv", key=f"trace_csv_{kind}",
-                           icon=":material/download:", on_click="ignore")
+        common.download_button(f"JSON{which}", _later(runcard.to_json, trace, metric, model, page),
+                               f"{stem}.json", "application/json", f"trace_json_{kind}",
+                               icon=":material/download:", where=c1)
+        common.download_button(f"CSV{which}", _later(runcard.to_csv, trace, metric, model),
+                               f"{stem}.csv", "text/csv", f"trace_csv_{kind}",
+                               icon=":material/download:", where=c2)
         with c3.expander(f"Run card ({KIND_NAMES[kind]})"):
             st.json(runcard.run_card(trace, metric, model, page), expanded=1)
 

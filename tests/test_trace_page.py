@@ -85,6 +85,7 @@ def test_first_load_shows_the_eiffel_heatmap():
     assert metric(at, "Clean p") == f"{trace.high:.4g}"
     assert at.query_params["noise"] == ["0.4"] or at.query_params["noise"] == "0.4"
     assert {b.label for b in at.get("download_button")} >= {"PNG", "SVG", "CSV", "JSON"}
+    assert all(b.proto.ignore_rerun for b in at.get("download_button"))  # a download never reruns
 
 
 def test_moving_the_noise_slider_retraces_and_returning_is_instant():
