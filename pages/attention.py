@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import altair as alt
 import numpy as np
@@ -11,24 +10,26 @@ import pandas as pd
 import streamlit as st
 
 from pages import common
-
-common.leave_legacy_pages_mode()
+from pages.state import ATTENTION_TABS, AttentionState
 from tracing import attention as A
-from tracing import attention_charts as C
-from tracing import prompts
+from tracing.categories import group_label
+from tracing.charts import attention as C
+from tracing.charts.style import token_labels
+from tracing.model.tokens import token_strings, tokenize
+from tracing.prompts import LONG_TEXT
+from tracing.settings import SEED_RANGE
 
+STATE = "attn_state"  # the page state (AttentionState), kept across page switches
 SET_KEY = "attn_set_result"  # last good prompt-set result: dict(model, source, result)
 LONG_KEY = "attn_long_result"  # last good long-text result: dict(model, source, result)
 MAX_TEXT_BYTES = 5_000_000
 MAX_PATTERN_TOKENS = 90  # 90 x 91 / 2 cells: under Altair's 5000-row limit
-DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "prompts" / "long_text_default.txt"
 DEFAULT_TEXT_LABEL = (
     "“The Tide Clock of Harrow Point”, an original short story (about 3,400 words) written for this "
     "app and released into the public domain (CC0). It appears in no book, so the model cannot "
     "have memorised it."
 )
-UPLOAD = "Upload a CSV…"
-EXAMPLE_PROMPT = "The Eiffel Tower is located in the city of"
+MEAN = "mean over heads"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,15 +49,7 @@ def _first_token_attention(model: str, revision: str, window: tuple[int, ...]) -
 @st.cache_data(show_spinner=False, max_entries=64)
 def _pattern(model: str, revision: str, prompt: str, layer: int) -> tuple[np.ndarray, list[str]]:
     lm = common.cached_model(model)
-    return A.attention_pattern(lm, prompt, layer), A.token_labels(lm, A.prompt_ids(lm, prompt))
-
-
-@st.cache_data(show_spinner=False, max_entries=16)
-def _load_set(source: str, data: bytes | None, model: str) -> pd.DataFrame:
-    lm = common.cached_model(model)
-    if data is None:
-        return prompts.load_prompt_set(prompts.shipped_sets()[source], lm=lm)
-    return prompts.load_prompt_set(data, lm=lm)
+    return A.attention_pattern(lm, prompt, layer), token_labels(token_strings(lm, tokenize(lm, prompt)))
 
 
 def _cached_attend(lm, prompt: str, positions) -> np.ndarray:
@@ -67,41 +60,22 @@ def _cached_window(lm, window) -> np.ndarray:
     return _first_token_attention(lm.name, lm.revision, tuple(int(i) for i in window))
 
 
-def _progress_bar(text: str):
-    bar = st.progress(0.0, text=text)
-
-    def update(done: int, total: int) -> None:
-        bar.progress(done / max(total, 1), text=f"{text} {done}/{total}")
-
-    return bar, update
-
-
 # ---------------------------------------------------------------------------------------------
 # Prompt set (shared by the first two sections)
 
 
 def pick_prompt_set(lm) -> tuple[pd.DataFrame, str] | None:
     """The chosen prompt set, filtered; None (with a message) when it cannot be read."""
-    shipped = prompts.shipped_sets()
     c1, c2, c3 = st.columns([1.2, 1.3, 1.5])
-    choice = c1.selectbox("Prompt set", list(shipped) + [UPLOAD], key="attn_set",
-                          help="The prompt-set CSV format is described in the README.")
-    skip_flagged = c2.toggle("Skip prompts flagged with problems", value=True, key="attn_skip_flagged",
+    skip_flagged = c2.toggle("Skip prompts flagged with problems", key="attn_skip_flagged",
                              help="E.g. the subject is missing, or the first or last token would be noised.")
-    only_right = c3.toggle("Only prompts the embedded model gets right", value=False, key="attn_only_right",
+    only_right = c3.toggle("Only prompts the embedded model gets right", key="attn_only_right",
                            help="Uses the set's model_top1 column (top-1 of SmolLM2-135M-Instruct).")
-    try:
-        if choice == UPLOAD:
-            upload = st.file_uploader("Prompt-set CSV", type=["csv"], key="attn_set_upload", max_upload_size=1)
-            if upload is None:
-                st.info("Upload a prompt-set CSV to use it here.")
-                return None
-            frame, source = _load_set(upload.name, upload.getvalue(), lm.name), upload.name
-        else:
-            frame, source = _load_set(choice, None, lm.name), choice
-    except Exception as exc:  # noqa: BLE001 - shown to the user
-        common.show_error(exc, "Could not read the prompt set")
+    picked = common.prompt_set_picker("attn_set", lm=lm, where=c1, upload_key="attn_set_upload",
+                                      help="The prompt-set CSV format is described in the README.")
+    if picked is None:
         return None
+    frame, source = picked
     if skip_flagged:
         frame = frame[frame["problems"].fillna("") == ""]
     if only_right and "model_top1" in frame:
@@ -120,22 +94,20 @@ def _set_key(lm, frame: pd.DataFrame) -> str:
 def compute_prompt_set(lm, picked: tuple[pd.DataFrame, str] | None) -> dict | None:
     """Measure every prompt (cached per prompt); on failure keep and return the last good result."""
     stored = st.session_state.get(SET_KEY)
-    if picked is not None and (stored is None or stored["key"] != _set_key(lm, picked[0])):
-        frame, source = picked
-        bar, update = _progress_bar("Measuring attention on the prompt set…")
-        try:
+    if picked is None or (stored is not None and stored["key"] == _set_key(lm, picked[0])):
+        return stored
+    frame, source = picked
+
+    def measure() -> dict | None:
+        with common.progress("Measuring attention on the prompt set…", unit="prompts") as update:
             result = A.prompt_set_attention(lm, frame, progress=update, attend=_cached_attend)
-            if len(result.table):
-                st.session_state[SET_KEY] = dict(model=lm.name, source=source, result=result,
-                                                 key=_set_key(lm, frame))
-            else:
-                st.error("None of the prompts could be measured (see the skipped prompts below).")
-                _show_skipped(result)
-        except Exception as exc:  # noqa: BLE001
-            common.show_error(exc, "Could not measure the prompt set")
-        finally:
-            bar.empty()
-    return st.session_state.get(SET_KEY)
+        if not len(result.table):
+            st.error("None of the prompts could be measured (see the skipped prompts below).")
+            _show_skipped(result)
+            return None
+        return dict(model=lm.name, source=source, result=result, key=_set_key(lm, frame))
+
+    return common.keep_last_good(SET_KEY, measure, "Could not measure the prompt set")[0]
 
 
 def _show_skipped(result: A.PromptSetAttention) -> None:
@@ -149,7 +121,7 @@ def _result_caption(stored: dict, model: str) -> None:
     if stored["model"] != model:
         st.warning(f"Showing the last result, computed with **{stored['model']}**.")
     counts = result.table["category"].value_counts()
-    per = " · ".join(f"{C.category_label(c)}: {counts[c]}" for c in result.categories)
+    per = " · ".join(f"{group_label(c)}: {counts[c]}" for c in result.categories)
     st.caption(f"**{len(result.table)} prompts** from `{stored['source']}` ({per}) · {stored['model']} · "
                f"measured in {result.elapsed:.1f} s (prompts measured before come from a cache)")
     _show_skipped(result)
@@ -173,7 +145,7 @@ def section_by_type(stored: dict) -> None:
     chart = C.layer_lines(summary, scale)
     st.altair_chart(chart, width="content")
     common.chart_downloads(chart, f"attention_by_type_{scale}", summary)
-    target = st.selectbox("Compare the prompt types on", list(A.TARGETS), index=1, key="attn_type_target",
+    target = st.selectbox("Compare the prompt types on", list(A.TARGETS), key="attn_type_target",
                           format_func=lambda t: f"attention to the {A.TARGET_LABELS[t]}")
     chart = C.category_lines(summary, target, scale)
     st.altair_chart(chart, width="content")
@@ -224,8 +196,8 @@ def _difference(result: A.PromptSetAttention, target: str, new: tuple[int, int] 
     cats = result.categories
     if len(cats) >= 2:
         c1, c2 = st.columns(2)
-        a = c1.selectbox("A", cats, index=len(cats) - 1, key="attn_diff_a", format_func=C.category_label)
-        b = c2.selectbox("B", cats, index=0, key="attn_diff_b", format_func=C.category_label)
+        a = c1.selectbox("A", cats, index=len(cats) - 1, key="attn_diff_a", format_func=group_label)
+        b = c2.selectbox("B", cats, index=0, key="attn_diff_b", format_func=group_label)
         if a == b:
             st.info("Pick two different prompt types to see their difference.")
         else:
@@ -268,21 +240,21 @@ def section_single(lm) -> None:
         "One prompt, un-noised: the full attention pattern of one head (row = the attending token, "
         "column = the token it attends to), and the final token's row for every head of the layer."
     )
-    prompt = st.text_input("Prompt", value=EXAMPLE_PROMPT, max_chars=2000, key="attn_single_prompt")
+    prompt = st.text_input("Prompt", max_chars=2000, key="attn_single_prompt")
     c1, c2, c3 = st.columns([2, 1, 1])
-    layer = c1.slider("Layer", 0, lm.n_layers - 1, lm.n_layers // 2, key=f"attn_single_layer_{lm.n_layers}")
-    head = c2.selectbox("Head", ["mean over heads"] + list(range(lm.n_heads)), key=f"attn_single_head_{lm.n_heads}")
+    layer = c1.slider("Layer", 0, lm.n_layers - 1, key=layer_key(lm))
+    head = c2.selectbox("Head", [MEAN] + list(range(lm.n_heads)), key=head_key(lm))
     scale = c3.radio("Colour scale", list(C.SCALES), horizontal=True, key="attn_single_scale")
     try:
-        n_tokens = len(A.prompt_ids(lm, prompt))
+        n_tokens = len(tokenize(lm, prompt))
         if n_tokens > MAX_PATTERN_TOKENS:
             raise ValueError(f"The prompt has {n_tokens} tokens: this view shows at most {MAX_PATTERN_TOKENS}.")
         pattern, labels = _pattern(lm.name, lm.revision, prompt, int(layer))
     except Exception as exc:  # noqa: BLE001
         common.show_error(exc, "Could not compute the attention pattern")
         return
-    which = pattern.mean(axis=0) if head == "mean over heads" else pattern[int(head)]
-    name = "mean over heads" if head == "mean over heads" else f"head {head}"
+    which = pattern.mean(axis=0) if head == MEAN else pattern[int(head)]
+    name = MEAN if head == MEAN else f"head {head}"
     chart = C.pattern_heatmap(which, labels, f"Attention pattern · layer {layer}, {name}",
                               "Each row sums to 1. Cells right of the diagonal are masked (causal).", scale)
     st.altair_chart(chart, width="content")
@@ -306,7 +278,7 @@ def _long_text_source() -> tuple[str, str] | None:
                               key="attn_long_upload", max_upload_size=MAX_TEXT_BYTES // 1_000_000)
     if upload is None:
         st.caption(f"No file uploaded: using the default text, {DEFAULT_TEXT_LABEL}")
-        return DEFAULT_TEXT.read_text(encoding="utf-8"), "default text (The Tide Clock of Harrow Point)"
+        return LONG_TEXT.read_text(encoding="utf-8"), "default text (The Tide Clock of Harrow Point)"
     if upload.size > MAX_TEXT_BYTES:
         st.error(f"`{upload.name}` is {upload.size / 1e6:.1f} MB: the limit is {MAX_TEXT_BYTES / 1e6:.0f} MB.")
         return None
@@ -319,10 +291,10 @@ def _long_text_source() -> tuple[str, str] | None:
 
 def _long_text_form(lm) -> tuple[int, int, int, bool]:
     c1, c2, c3, c4 = st.columns([1, 1, 1, 1])
-    n = c1.number_input("Samples N", 1, 500, 40, key="attn_long_n", help="Windows drawn from the text.")
-    m = c2.number_input("Tokens per sample M", 2, int(lm.n_ctx), min(800, int(lm.n_ctx)), key=f"attn_long_m_{lm.n_ctx}",
+    n = c1.number_input("Samples N", 1, 500, key="attn_long_n", help="Windows drawn from the text.")
+    m = c2.number_input("Tokens per sample M", 2, int(lm.n_ctx), key=length_key(lm),
                         help=f"Capped at the model's context ({lm.n_ctx}).")
-    seed = c3.number_input("Seed", 0, 2**31 - 1, 0, key="attn_long_seed", help="Where the windows start.")
+    seed = c3.number_input("Seed", *SEED_RANGE, key="attn_long_seed", help="Where the windows start.")
     c4.write("")
     go = c4.button("Compute", type="primary", key="attn_long_go")
     return int(n), int(m), int(seed), go
@@ -337,17 +309,15 @@ def section_long(lm) -> None:
     )
     source = _long_text_source()
     n, m, seed, go = _long_text_form(lm)
-    if go and source is not None:
+
+    def measure() -> dict:
         text, label = source
-        bar, update = _progress_bar(f"Measuring {n} windows of {m} tokens…")
-        try:
+        with common.progress(f"Measuring {n} windows of {m} tokens…", unit="windows") as update:
             result = A.long_text_attention(lm, text, n, m, seed, progress=update, window_fn=_cached_window)
-            st.session_state[LONG_KEY] = dict(model=lm.name, source=label, result=result)
-        except Exception as exc:  # noqa: BLE001
-            common.show_error(exc, "Could not measure the text")
-        finally:
-            bar.empty()
-    stored = st.session_state.get(LONG_KEY)
+        return dict(model=lm.name, source=label, result=result)
+
+    stored, _ = common.keep_last_good(LONG_KEY, measure if go and source is not None else None,
+                                      "Could not measure the text")
     if stored is None:
         st.info("Press **Compute** (40 × 800 tokens takes a few minutes on a CPU; a small N is quick).")
         return
@@ -389,7 +359,41 @@ def show_long(stored: dict, model: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-TABS = ["By prompt type", "Per-head grids", "Single prompt", "Long texts"]
+TABS = list(ATTENTION_TABS)
+
+
+def layer_key(lm) -> str:  # model-dependent ranges: one widget per model shape
+    return f"attn_single_layer_{lm.n_layers}"
+
+
+def head_key(lm) -> str:
+    return f"attn_single_head_{lm.n_heads}"
+
+
+def length_key(lm) -> str:
+    return f"attn_long_m_{lm.n_ctx}"
+
+
+def restore(lm) -> list[str]:
+    """The page state from a shared link (first visit) or the session; the model-dependent
+    widgets (layer, head, window length) get its values within this model's ranges."""
+    state, problems = common.restore_state(AttentionState, STATE, common.PATHS["attention"])
+    if layer_key(lm) not in st.session_state:
+        layer = state.layer if state.layer is not None and state.layer < lm.n_layers else lm.n_layers // 2
+        st.session_state[layer_key(lm)] = layer
+    if head_key(lm) not in st.session_state:
+        head = int(state.head) if state.head != "mean" and int(state.head) < lm.n_heads else MEAN
+        st.session_state[head_key(lm)] = head
+    if length_key(lm) not in st.session_state:
+        st.session_state[length_key(lm)] = max(2, min(state.long_m, int(lm.n_ctx)))
+    return problems
+
+
+def current_state(lm) -> AttentionState:
+    head = st.session_state.get(head_key(lm), MEAN)
+    return common.widget_state(AttentionState, STATE, layer=st.session_state.get(layer_key(lm)),
+                               head="mean" if head == MEAN else str(head),
+                               long_m=int(st.session_state.get(length_key(lm), 800)))
 
 
 def _prompt_set_tab(lm, section) -> None:
@@ -402,12 +406,14 @@ def _prompt_set_tab(lm, section) -> None:
 
 def main() -> None:
     lm = common.current_model()
+    problems = restore(lm)
     st.title("Attention")
     st.caption(
         f"Where attention goes in **{lm.name}** ({lm.n_layers} layers × {lm.n_heads} heads). Weights are "
         "read from the model's own attention of each block (softmax of scaled query · key, after the "
         "causal mask), on clean prompts."
     )
+    common.show_problems(problems)
     for key in ("attn_set", "attn_skip_flagged", "attn_only_right"):  # shared by two tabs: keep
         if key in st.session_state:
             st.session_state[key] = st.session_state[key]
@@ -424,6 +430,7 @@ def main() -> None:
     with tabs[3]:
         if tabs[3].open:
             section_long(lm)
+    common.publish_state(current_state(lm), STATE)
 
 
-main()
+common.run_page(main)

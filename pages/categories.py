@@ -6,25 +6,16 @@ import pandas as pd
 import streamlit as st
 
 from pages import common
+from pages.state import CategoriesState
+from tracing import batch, causal, prompts
+from tracing.charts import averages as category_charts
+from tracing.charts.style import SHORT_KIND
+from tracing.settings import DEFAULTS, KINDS, NOISE_MODES, NOISE_RANGE, SAMPLES_RANGE, SEED_RANGE, WINDOW_RANGE
 
-common.leave_legacy_pages_mode()
-from tracing import batch, category_charts, prompts
-from tracing.store import ResultStore, default_root
-
-SET_KEY = "cat_set"  # last valid prompt set: dict(name, frame)
-UPLOAD = "Upload a CSV…"
+STATE = "cat_state"  # the page state (CategoriesState), kept across page switches
+SET_KEY = "cat_set"  # last valid prompt set: dict(name, source, frame)
 EDITABLE = ["category", "prompt", "expected", "subject", "notes", "noised", "model_top1"]
-KINDS = {"hidden": "hidden states", "mlp": "MLP outputs", "attn": "attention outputs"}
-
-
-@st.cache_resource
-def _store(root: str) -> ResultStore:
-    return ResultStore(root)
-
-
-def result_store() -> ResultStore:
-    """One result store per folder (disk + memory layer), shared by every session."""
-    return _store(str(default_root()))
+MODES = {"absolute": "absolute", "sigma": "× embedding std"}
 
 
 # -- prompt set ----------------------------------------------------------------------------------
@@ -32,25 +23,17 @@ def result_store() -> ResultStore:
 
 def pick_set() -> None:
     """Shipped set or upload; a bad file shows an error and keeps the previous set."""
-    shipped = prompts.shipped_sets()
-    choice = st.selectbox("Prompt set", list(shipped) + [UPLOAD], key="cat_choice",
-                          help="CSV columns: category, prompt, expected, subject, notes (see the README).")
-    try:
-        if choice in shipped:
-            name, frame = choice, prompts.load_prompt_set(shipped[choice])
-        else:
-            upload = st.file_uploader("Prompt-set CSV", type=["csv"], key="cat_upload")
-            if upload is None:
-                return
-            if upload.size > prompts.MAX_BYTES:
-                raise ValueError(f"'{upload.name}' is larger than {prompts.MAX_BYTES // 1000} kB.")
-            name, frame = upload.name, prompts.load_prompt_set(upload.getvalue())
-    except ValueError as exc:
-        common.show_error(exc, "Could not read the prompt set")
-        return
-    previous = st.session_state.get(SET_KEY)
-    if previous is None or previous["name"] != name or not previous["source"].equals(frame):
-        st.session_state[SET_KEY] = {"name": name, "source": frame, "frame": frame}
+    def read() -> dict | None:
+        picked = common.prompt_set_picker("cat_choice", upload_key="cat_upload", upload_note=False)
+        if picked is None:  # nothing uploaded yet, or unreadable (error shown): keep the set
+            return None
+        frame, name = picked
+        previous = st.session_state.get(SET_KEY)
+        if previous is not None and previous["name"] == name and previous["source"].equals(frame):
+            return previous  # the same set: keep its edits
+        return {"name": name, "source": frame, "frame": frame}
+
+    common.keep_last_good(SET_KEY, read, "Could not read the prompt set")
 
 
 def _for_editor(frame: pd.DataFrame) -> pd.DataFrame:
@@ -94,39 +77,46 @@ def edit_set(lm) -> pd.DataFrame | None:
 # -- settings and run ----------------------------------------------------------------------------
 
 
-def settings_form(n_layers: int) -> tuple[dict, str]:
-    """Trace settings for the whole batch, and the target mode."""
+def _clamp(key: str, low, high) -> None:
+    """Keep a widget's value inside its range (a link or another model may have put it outside)."""
+    value = st.session_state.get(key)
+    if value is not None and not low <= value <= high:
+        st.session_state[key] = min(max(value, low), high)
+
+
+def settings_form(n_layers: int) -> CategoriesState:
+    """Trace settings for the whole batch and the target mode (ranges from tracing.settings)."""
     c = st.columns(6)
-    kind = c[0].selectbox("Restore", list(KINDS), format_func=KINDS.get, key="cat_kind")
-    noise = c[1].number_input("Noise", 0.0, 100.0, 0.4, 0.05, key="cat_noise",
-                              help="Std of the Gaussian noise added to the noised token's embedding.")
-    mode = c[2].selectbox("Noise is", ["absolute", "sigma"], key="cat_mode",
-                          format_func={"absolute": "absolute", "sigma": "× embedding std"}.get)
-    samples = c[3].number_input("Samples", 1, 100, 10, key="cat_samples")
-    seed = c[4].number_input("Seed", 0, 2**31 - 1, 0, key="cat_seed")
-    target = c[5].selectbox("Target", list(batch.TARGETS), key="cat_target",
-                            format_func={"expected": "expected token", "top1": "clean top-1"}.get)
-    settings = {"kind": kind, "noise": noise, "noise_mode": mode, "samples": int(samples), "seed": int(seed)}
+    kind = c[0].selectbox("Restore", KINDS, format_func=SHORT_KIND.get, key="cat_kind")
+    mode = c[2].selectbox("Noise is", NOISE_MODES, key="cat_mode", format_func=MODES.get)
+    _clamp("cat_noise", *NOISE_RANGE[mode])
+    c[1].number_input("Noise", *NOISE_RANGE[mode], step=0.05, key="cat_noise",
+                      help="Std of the Gaussian noise added to the noised token's embedding "
+                           f"(default {DEFAULTS.noise:g}).")
+    c[3].number_input("Samples", *SAMPLES_RANGE, key="cat_samples",
+                      help=f"Noise draws averaged per cell (default {DEFAULTS.samples}, as ROME).")
+    c[4].number_input("Seed", *SEED_RANGE, key="cat_seed")
+    c[5].selectbox("Target", batch.TARGETS, key="cat_target",
+                   format_func={"expected": "expected token", "top1": "clean top-1"}.get)
     if kind != "hidden":
-        settings["window"] = int(st.slider("Window (layers)", 1, n_layers, min(10, n_layers), key="cat_window"))
-    return settings, target
+        high = min(n_layers, WINDOW_RANGE[1])
+        _clamp("cat_window", WINDOW_RANGE[0], high)
+        st.slider("Window (layers)", WINDOW_RANGE[0], high, key="cat_window")
+    return common.widget_state(CategoriesState, STATE)
 
 
-def run(lm, frame: pd.DataFrame, settings: dict, target: str) -> None:
+def run(lm, frame: pd.DataFrame, state: CategoriesState) -> None:
     """Run the missing traces with an overall and a per-prompt progress bar."""
-    overall = st.progress(0.0, text=f"0 / {len(frame)} prompts")
-    inner = st.progress(0.0, text="current prompt")
+    overall_slot, inner_slot = st.empty(), st.empty()
     st.button("Cancel", key="cat_cancel", help="Stops after the current step; finished prompts are kept.")
+    with common.progress(f"0 / {len(frame)} prompts", overall_slot) as overall, \
+            common.progress("current prompt:", inner_slot, unit="%") as inner:
+        def on_prompt(done: int, total: int, result: batch.PromptResult) -> None:
+            overall(done, total, f"{done} / {total} prompts · {result.status}: {result.prompt[:50]}")
 
-    def on_prompt(done: int, total: int, result: batch.PromptResult) -> None:
-        overall.progress(done / total, text=f"{done} / {total} prompts · {result.status}: {result.prompt[:50]}")
-
-    def on_cells(done: int, total: int) -> None:
-        inner.progress(done / max(total, 1), text=f"current prompt: {done} / {total} restorations")
-
-    result = batch.run_batch(lm, frame, settings, result_store(), target=target,
-                             progress=on_prompt, prompt_progress=on_cells)
-    inner.empty()
+        result = batch.run_batch(lm, frame, state.batch_settings(), common.result_store(),
+                                 target=state.target, progress=on_prompt, prompt_progress=inner,
+                                 trace=causal.causal_trace)  # looked up now: tests swap the engine
     st.session_state["cat_last_run"] = (
         f"Computed {result.counts.get('computed', 0)} trace(s), "
         f"{result.counts.get('stored', 0)} from the store, in {result.elapsed:.1f} s."
@@ -139,11 +129,11 @@ def run(lm, frame: pd.DataFrame, settings: dict, target: str) -> None:
 def show_results(results: list[batch.PromptResult], n_layers: int) -> None:
     """Summary, heatmaps, line charts, scatter plots and the per-prompt table, with downloads."""
     c = st.columns(4)
-    correct_only = c[0].toggle("Only prompts the model gets right", value=True, key="cat_correct")
-    combine = c[1].toggle("Combine regurgitation categories", value=False, key="cat_combine")
+    correct_only = c[0].toggle("Only prompts the model gets right", key="cat_correct")
+    combine = c[1].toggle("Combine regurgitation categories", key="cat_combine")
     spread = c[2].radio("Band", ["sem", "std"], horizontal=True, key="cat_spread",
                         format_func={"sem": "± standard error", "std": "± std"}.get)
-    min_effect = c[3].number_input("Min. effect of noise", 0.0, 1.0, batch.MIN_EFFECT, 0.01, key="cat_min_effect",
+    min_effect = c[3].number_input("Min. effect of noise", 0.0, 1.0, step=0.01, key="cat_min_effect",
                                    help="Prompts where noise lowers p(target) by less are left out of averages.")
     options = dict(correct_only=correct_only, combine_regurgitation=combine, min_effect=min_effect)
     averages = batch.category_averages(results, **options)
@@ -185,9 +175,10 @@ def page() -> None:
     frame = edit_set(lm)
     if frame is None:
         return
-    settings, target = settings_form(lm.n_layers)
+    state = settings_form(lm.n_layers)
+    settings, target = state.batch_settings(), state.target
     try:
-        plan = batch.plan_batch(lm, frame, settings, result_store(), target)
+        plan = batch.plan_batch(lm, frame, settings, common.result_store(), target)
     except ValueError as exc:
         common.show_error(exc, "Bad settings")
         return
@@ -197,11 +188,12 @@ def page() -> None:
     st.caption(f"{len(plan)} prompts: {stored} in the store, {pending} to compute, {len(skipped)} skipped.")
     if st.button(f"Trace {pending} missing prompt(s)", type="primary", disabled=pending == 0, key="cat_run"):
         try:
-            run(lm, frame, settings, target)
+            common.publish_state(state, STATE)
+            run(lm, frame, state)
             st.rerun()
         except Exception as exc:  # noqa: BLE001 - results so far are stored; show what went wrong
             common.show_error(exc, "The batch stopped")
-            plan = batch.plan_batch(lm, frame, settings, result_store(), target)
+            plan = batch.plan_batch(lm, frame, settings, common.result_store(), target)
     if "cat_last_run" in st.session_state:
         st.caption(st.session_state["cat_last_run"])
     for r in skipped:
@@ -213,4 +205,11 @@ def page() -> None:
         st.info("No traces yet for these settings: press the button above to trace the set.")
 
 
-page()
+def render() -> None:
+    _, problems = common.restore_state(CategoriesState, STATE, common.PATHS["categories"])
+    common.show_problems(problems)
+    page()
+    common.publish_state(common.widget_state(CategoriesState, STATE), STATE)
+
+
+common.run_page(render)

@@ -1,42 +1,27 @@
-"""Shared page helpers: the cached model, the sidebar model picker, errors and chart downloads."""
+"""Shared page helpers: the cached model and result store, the sidebar model picker, the
+prompt-set picker, page state <-> URL, "keep the last good result", progress bars, errors and
+chart downloads."""
 
 from __future__ import annotations
 
-import sys
+import time
 import traceback
-from pathlib import Path
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import altair as alt
 import pandas as pd
 import streamlit as st
 
 import tracing
+from tracing import prompts
+from tracing.store import ResultStore, default_root
+
+from pages.state import UPLOAD, PageState
 
 MODEL_KEY = "model_name"
 OTHER = "Other (hub id, folder or .gguf)…"
 FAILED_KEY = "model_failed"  # (name, message) of the last name that failed to load
-
-
-APP_SCRIPT = Path(__file__).resolve().parents[1] / "app.py"
-
-
-def leave_legacy_pages_mode() -> None:
-    """Rerun through app.py when Streamlit ran this page on its own.
-
-    A fresh server that sees a `pages/` folder makes its very first run the legacy way: the
-    requested page alone, with an automatic list of every file in `pages/`, until some run calls
-    st.navigation. A page that finds app.py absent from the call stack switches the server to
-    app.py's navigation and reruns (the same page, now with the sidebar and layout).
-    """
-    from streamlit.runtime.pages_manager import PagesManager
-
-    frame = sys._getframe(1)
-    while frame is not None:
-        if Path(frame.f_code.co_filename).resolve() == APP_SCRIPT:
-            return
-        frame = frame.f_back
-    PagesManager.uses_pages_directory = False
-    st.rerun()
 
 
 @st.cache_resource(show_spinner="Loading model…", max_entries=2)
@@ -114,7 +99,7 @@ def chart_downloads(chart: alt.TopLevelMixin, stem: str, data: pd.DataFrame | No
     The files are made only when a button is clicked (vl-convert takes about a second a chart),
     so reruns stay fast.
     """
-    from tracing.charts import to_png, to_svg
+    from tracing.charts.style import to_png, to_svg
 
     row = st.container(horizontal=True, gap="small")  # buttons as wide as their labels
     files = [("PNG", lambda: to_png(chart), "png", "image/png"),
@@ -124,3 +109,195 @@ def chart_downloads(chart: alt.TopLevelMixin, stem: str, data: pd.DataFrame | No
     for label, make, suffix, mime in files:
         download_button(label, make, f"{stem}.{suffix}", mime, f"{stem}-{suffix}",
                         icon=":material/download:", where=row)
+
+
+# ---------------------------------------------------------------------------------------------
+# The result store
+
+
+@st.cache_resource(show_spinner=False)
+def _store(root: str) -> ResultStore:
+    return ResultStore(root)
+
+
+def result_store() -> ResultStore:
+    """One result store per folder (disk with a memory layer in front), shared by every session.
+    The folder is read each time (env ``CAUSAL_TRACING_RESULTS``), so tests can point it away."""
+    return _store(str(default_root()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Page state <-> URL and widgets
+
+
+# Each page's URL path (as `st.Page("pages/<name>.py")` infers it, so old links keep working).
+PATHS = {"trace": "trace", "categories": "categories", "attention": "attention",
+         "hidden_states": "hidden_states"}
+LANDING = "app_landing_page"  # url path of the page this session opened first (set by app.py)
+
+
+def run_page(main: Callable[[], None]) -> None:
+    """Run a page's ``main``, unless Streamlit ran the page file on its own.
+
+    A `pages/` folder beside app.py puts a fresh server in Streamlit's legacy multipage mode until
+    the first ``st.navigation`` call: its very first run may execute the requested page file alone,
+    without app.py's navigation and sidebar. Streamlit's own flag for that mode says so; then it
+    is switched off, as ``st.navigation`` does, and the same page is rerun through app.py.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+    main()
+
+
+def land(url_path: str) -> None:
+    """Called by app.py before each run of a page: remembers the session's first page."""
+    st.session_state.setdefault(LANDING, url_path)
+
+
+def link_query(url_path: str) -> dict[str, Any]:
+    """The URL's query parameters when they are this page's: the session opened this page
+    first (a shared link). A page reached through the navigation starts from its defaults, so
+    another page's settings never leak into it."""
+    if st.session_state.get(LANDING, url_path) != url_path:
+        return {}
+    return st.query_params.to_dict()
+
+
+def restore_state(cls: type[PageState], key: str, url_path: str) -> tuple[PageState, list[str]]:
+    """The page's state: from a shared link on the session's first visit (the widgets it names
+    are set; widgets set by code before are kept), else the last published state. Widgets that a
+    page switch dropped are refilled from it. Returns the state and the link's problems."""
+    problems: list[str] = []
+    if key not in st.session_state:
+        query = link_query(url_path)
+        state, problems = cls.parse(query)
+        st.session_state[key] = state
+        for name, widget in cls.WIDGETS.items():
+            if name in query and name in cls.PARSERS:
+                st.session_state[widget] = _widget_value(getattr(state, name))
+    state = st.session_state[key]
+    for widget, value in state.widget_values().items():
+        if widget not in st.session_state:
+            st.session_state[widget] = _widget_value(value)
+    return state, problems
+
+
+def _widget_value(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def publish_state(state: PageState | Any, key: str) -> None:
+    """Keep the state for the session and put it in the URL (a shared link reproduces the page)."""
+    st.session_state[key] = state
+    query = state.to_query()
+    if st.query_params.to_dict() != query:
+        st.query_params.from_dict(query)
+
+
+def widget_state(cls: type[PageState], key: str, **changes: Any) -> PageState:
+    """The state the page's widgets show now (``changes``: fields the page sets itself)."""
+    values = {widget: st.session_state.get(widget) for widget in cls.WIDGETS.values()}
+    return cls.from_widgets(values, st.session_state.get(key)).replace(**changes)
+
+
+def show_problems(problems: list[str]) -> None:
+    for problem in problems:
+        st.warning(f"Link setting {problem}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The prompt-set picker (categories, attention and hidden-states pages)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _load_set(data: bytes, model: str | None) -> pd.DataFrame:
+    return prompts.load_prompt_set(data, lm=cached_model(model) if model else None)
+
+
+def prompt_set_picker(key: str, *, lm: tracing.LoadedModel | None = None, where: Any = None,
+                      upload_key: str | None = None, upload_note: bool = True,
+                      help: str = "CSV columns: category, prompt, expected, subject, notes "
+                                  "(see the README).") -> tuple[pd.DataFrame, str] | None:
+    """A shipped prompt set or an uploaded CSV: (frame, its name), or None with a message shown
+    (nothing uploaded yet, or an unreadable file). With ``lm`` the set is checked against the
+    model (model_top1, token problems). Loads are cached by content, so an edited file is read
+    again."""
+    shipped = prompts.shipped_sets()
+    choice = (where or st).selectbox("Prompt set", [*shipped, UPLOAD], key=key, help=help)
+    try:
+        if choice in shipped:
+            name, data = choice, shipped[choice].read_bytes()
+        else:
+            upload = st.file_uploader("Prompt-set CSV", type=["csv"], key=upload_key or f"{key}_upload",
+                                      max_upload_size=max(1, prompts.MAX_BYTES // 1_000_000))
+            if upload is None:
+                if upload_note:
+                    st.info("Upload a prompt-set CSV to use it here.")
+                return None
+            if upload.size > prompts.MAX_BYTES:
+                raise ValueError(f"'{upload.name}' is larger than {prompts.MAX_BYTES // 1000} kB.")
+            name, data = upload.name, upload.getvalue()
+        return _load_set(data, lm.name if lm is not None else None), name
+    except Exception as exc:  # noqa: BLE001 - shown to the user, the page keeps running
+        show_error(exc, "Could not read the prompt set")
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Keep the last good result
+
+
+def keep_last_good(key: str, compute: Callable[[], Any] | None, what: str) -> tuple[Any, bool]:
+    """Run ``compute`` (when given) and keep its result under ``key``; when it raises, show the
+    error (``what``: what failed) and keep the previous result. A result of None is not kept
+    (``compute`` has shown why). Returns (the last good result or None, whether it is new)."""
+    fresh = False
+    if compute is not None:
+        try:
+            value = compute()
+        except Exception as exc:  # noqa: BLE001 - shown to the user; the last result stays
+            show_error(exc, what)
+        else:
+            if value is not None:
+                st.session_state[key] = value
+                fresh = True
+    return st.session_state.get(key), fresh
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress
+
+
+@contextmanager
+def progress(text: str, where: Any = None, *, unit: str = "", first: str | None = None,
+             stopped: Callable[[], bool] | None = None,
+             below: Callable[[Any], None] | None = None) -> Iterator[Callable[..., bool]]:
+    """A progress bar for the duration of the block; yields ``update(done, total, text=None)``,
+    which shows "text done/total unit, N s, about M s left" ("text N %, ..." when ``unit`` is
+    "%": the engine counts work, not cells) and returns False once ``stopped()`` says so (the
+    computation then cancels). ``first``: the text before the first update;
+    ``below(container)`` draws more under the bar (a Stop button). The bar disappears at the end."""
+    holder = (where or st).empty()
+    box = holder.container()
+    bar = box.progress(0.0, text=first or text)
+    if below is not None:
+        below(box)
+    started = time.perf_counter()
+
+    def update(done: int, total: int, label: str | None = None) -> bool:
+        if stopped is not None and stopped():
+            return False
+        seconds = time.perf_counter() - started
+        left = f", about {seconds / done * (total - done):.0f} s left" if 0 < done < total else ""
+        count = f"{100 * done / total:.0f} %" if unit == "%" and total else f"{done}/{total}{' ' + unit if unit else ''}"
+        shown = label or f"{text} {count}, {seconds:.0f} s{left}"
+        bar.progress(min(1.0, done / total) if total else 1.0, text=shown)
+        return True
+
+    try:
+        yield update
+    finally:
+        holder.empty()

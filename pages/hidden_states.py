@@ -9,10 +9,13 @@ import streamlit as st
 
 import tracing
 from pages import common
+from pages.state import HiddenState
+from tracing import hidden
+from tracing.categories import group_label
+from tracing.charts import hidden as hidden_charts
+from tracing.charts.style import quote_token, show_token
 
-common.leave_legacy_pages_mode()
-from tracing import hidden, hidden_charts, prompts
-
+STATE = "hidden_state"  # the page state (HiddenState), kept across page switches
 TRAJ_KEY = "hidden_trajectories"  # last good trajectories: dict(model, source, frame, seconds)
 LENS_KEY = "hidden_lens"  # last good logit lens: dict(model, lens)
 CUSTOM = "(type your own prompt)"
@@ -34,52 +37,38 @@ def logit_lens(model_name: str, prompt: str, target: str | None, k: int) -> hidd
     return hidden.logit_lens(common.cached_model(model_name), prompt, k=k, target=target)
 
 
-def prompt_set_picker() -> tuple[pd.DataFrame, str] | None:
-    """The shipped set or an uploaded CSV; None (with an error shown) if it cannot be read."""
-    shipped = prompts.shipped_sets()
-    options = list(shipped) + ["Upload a CSV…"]
-    choice = st.selectbox("Prompt set", options, key="hidden_set",
-                          help="Columns category, prompt, expected, subject (see the README).")
-    try:
-        if choice in shipped:
-            return prompts.load_prompt_set(shipped[choice]), choice
-        upload = st.file_uploader("Prompt-set CSV", type=["csv"], key="hidden_upload")
-        if upload is None:
-            st.info("Upload a prompt-set CSV to use it here.")
-            return None
-        return prompts.load_prompt_set(upload.getvalue()), upload.name
-    except Exception as exc:  # noqa: BLE001 - shown to the user
-        common.show_error(exc, "Could not read the prompt set")
-        return None
-
-
 def compute_trajectories(model_name: str, picked: tuple[pd.DataFrame, str] | None) -> dict | None:
     """Run the picked set (cached); on failure show an error and return the last good result."""
-    if picked is not None:
+    def run() -> dict | None:
         frame, source = picked
         records = tuple(zip(frame["category"], frame["prompt"], frame["expected"].fillna("")))
-        try:
-            result, seconds = trajectories(model_name, records)
-            st.session_state[TRAJ_KEY] = dict(model=model_name, source=source, frame=result,
-                                              seconds=seconds, n=len(records))
-        except Exception as exc:  # noqa: BLE001
-            common.show_error(exc, "Could not compute the trajectories")
-    return st.session_state.get(TRAJ_KEY)
+        result, seconds = trajectories(model_name, records)
+        return dict(model=model_name, source=source, frame=result, seconds=seconds, n=len(records))
+
+    return common.keep_last_good(TRAJ_KEY, run if picked is not None else None,
+                                 "Could not compute the trajectories")[0]
+
+
+def crop_key(n_layers: int) -> str:  # a model-dependent range: one widget per model depth
+    return f"hidden_crop_{n_layers}"
 
 
 def trajectory_controls(n_layers: int) -> dict:
     c1, c2, c3, c4 = st.columns([1.1, 1, 1, 2])
-    combine = c1.toggle("Combine regurgitation", value=True, key="hidden_combine",
+    combine = c1.toggle("Combine regurgitation", key="hidden_combine",
                         help="One line for non-English and plain-English regurgitation together.")
     spread = c2.radio("Band", list(hidden_charts.SPREADS), key="hidden_spread",
                       format_func=hidden_charts.SPREADS.get)
-    per_prompt = c3.toggle("Show every prompt", value=False, key="hidden_per_prompt")
-    default = (max(1, round(n_layers * 0.1)), max(2, round(n_layers * 0.9)))
-    crop = c4.slider("Middle layers (right column)", 0, n_layers, default,
-                     key=f"hidden_crop_{n_layers}",
+    per_prompt = c3.toggle("Show every prompt", key="hidden_per_prompt")
+    key = crop_key(n_layers)
+    if key not in st.session_state:  # the link's layers when they fit this model, else 10 %-90 %
+        crop = st.session_state[STATE].crop
+        fits = crop is not None and crop[1] <= n_layers
+        st.session_state[key] = crop if fits else (max(1, round(n_layers * 0.1)), max(2, round(n_layers * 0.9)))
+    crop = c4.slider("Middle layers (right column)", 0, n_layers, key=key,
                      help="The right-hand charts show only these layers, with their own y range.")
-    measures = st.multiselect("Measures", list(hidden.MEASURES), default=list(hidden.MEASURES),
-                              format_func=hidden.MEASURES.get, key="hidden_measures")
+    measures = st.multiselect("Measures", list(hidden.MEASURES), format_func=hidden.MEASURES.get,
+                              key="hidden_measures")
     return dict(combine=combine, spread=spread, per_prompt=per_prompt, crop=crop, measures=measures)
 
 
@@ -146,8 +135,7 @@ def lens_inputs(frame: pd.DataFrame | None) -> tuple[str, str, int]:
         if option == CUSTOM:
             return option
         row = frame.iloc[int(option)]
-        return (f"{hidden_charts.group_label(row['category'])}: {row['prompt']} → "
-                f"{hidden_charts.quote_token(row['expected'])}")
+        return f"{group_label(row['category'])}: {row['prompt']} → {quote_token(row['expected'])}"
 
     if st.session_state.get("hidden_lens_pick", CUSTOM) not in options:
         st.session_state["hidden_lens_pick"] = CUSTOM
@@ -164,7 +152,7 @@ def lens_inputs(frame: pd.DataFrame | None) -> tuple[str, str, int]:
                            args=(frame,),
                            help="Its first token is tracked (include the leading space, "
                                 "e.g. ' Paris'). Empty: the model's top prediction.")
-    k = c3.slider("Top tokens", 1, 10, 5, key="hidden_lens_k")
+    k = c3.slider("Top tokens", 1, 10, key="hidden_lens_k")
     return prompt, target, k
 
 
@@ -174,12 +162,9 @@ def lens_section(model_name: str, frame: pd.DataFrame | None) -> None:
     st.caption("The final token's state entering each layer, put through the model's final norm "
                "and unembedding: what the model would predict if it stopped there.")
     prompt, target, k = lens_inputs(frame)
-    try:
-        lens = logit_lens(model_name, prompt, target or None, k)
-        st.session_state[LENS_KEY] = dict(model=model_name, lens=lens)
-    except Exception as exc:  # noqa: BLE001
-        common.show_error(exc, "Could not run the logit lens")
-    shown = st.session_state.get(LENS_KEY)
+    shown, _ = common.keep_last_good(
+        LENS_KEY, lambda: dict(model=model_name, lens=logit_lens(model_name, prompt, target or None, k)),
+        "Could not run the logit lens")
     if shown is None:
         return
     lens = shown["lens"]
@@ -194,7 +179,7 @@ def wants_downloads(key: str) -> bool:
 
 
 def show_lens(lens: hidden.LogitLens) -> None:
-    st.caption("Tokens: " + " · ".join(f"`{hidden_charts.show_token(t)}`" for t in lens.tokens))
+    st.caption("Tokens: " + " · ".join(f"`{show_token(t)}`" for t in lens.tokens))
     downloads = wants_downloads("hidden_lens_downloads")
     left, right = st.columns([3, 2])
     with left:
@@ -210,7 +195,7 @@ def show_lens(lens: hidden.LogitLens) -> None:
         if downloads:
             common.chart_downloads(curve, "logit_lens_target", lens.target_frame())
         final = lens.target_probs[-1]
-        st.caption(f"Target {hidden_charts.quote_token(lens.target)} (id {lens.target_id}): "
+        st.caption(f"Target {quote_token(lens.target)} (id {lens.target_id}): "
                    f"p = {final:.3g} at the output, rank {int(lens.target_ranks[-1])}.")
     with st.expander("Table"):
         st.dataframe(hidden_charts.lens_wide_table(lens), hide_index=True, width="stretch")
@@ -223,16 +208,29 @@ def lens_frame_csv(lens: hidden.LogitLens) -> pd.DataFrame:
     return table
 
 
-def main() -> None:
+def current_state() -> HiddenState:
+    """The state the widgets show (the crop of the model shown last)."""
+    shown = st.session_state.get(TRAJ_KEY)
+    crop = st.session_state[STATE].crop
+    if shown is not None:
+        crop = st.session_state.get(crop_key(int(shown["frame"]["layer"].max())), crop)
+    return common.widget_state(HiddenState, STATE, crop=tuple(crop) if crop is not None else None)
+
+
+def render() -> None:
     st.title("Hidden states of the final token")
+    _, problems = common.restore_state(HiddenState, STATE, common.PATHS["hidden_states"])
+    common.show_problems(problems)
     common.current_model()
     model_name = st.session_state.get(common.MODEL_KEY, tracing.DEFAULT_MODEL)
-    picked = prompt_set_picker()
+    picked = common.prompt_set_picker("hidden_set", upload_key="hidden_upload",
+                                      help="Columns category, prompt, expected, subject (see the README).")
     traj, lens = st.tabs(["Trajectories by prompt type", "Logit lens"])
     with traj:
         trajectory_section(model_name, picked)
     with lens:
         lens_section(model_name, picked[0] if picked is not None else None)
+    common.publish_state(current_state(), STATE)
 
 
-main()
+common.run_page(render)

@@ -6,10 +6,8 @@ result store, so a noise level already traced shows at once, also after a reload
 
 from __future__ import annotations
 
-import hashlib
 import html
 import json
-import time
 from collections import OrderedDict
 from typing import Any
 
@@ -18,19 +16,17 @@ import streamlit as st
 
 import tracing
 from pages import common
+from pages.state import TraceState
+from tracing import runcard
+from tracing.analysis import transition_layer
+from tracing.causal import Trace, TraceCancelled, causal_trace, embedding_sigma
+from tracing.charts import style
+from tracing.charts import trace as charts
+from tracing.model.tokens import answer_token, token_strings, tokenize
+from tracing.settings import (CONVENTIONS, CORRUPTIONS, INTERACTIVE, KINDS, METRICS, NOISE_MODES,
+                              NOISE_RANGE, SAMPLES_RANGE, SEED_RANGE, WINDOW_RANGE, lower_is_better)
 
-common.leave_legacy_pages_mode()
-from tracing import charts, runcard
-from tracing.causal import (CONVENTIONS, CORRUPTIONS, KINDS, METRIC_LABELS, METRICS, Trace,
-                            TraceCancelled, answer_token, causal_trace, embedding_sigma,
-                            token_strings, tokenize)
-
-try:  # the on-disk result store (another module; the page works without it)
-    from tracing.store import ResultStore
-except ImportError:  # pragma: no cover - only while store.py does not exist
-    ResultStore = None
-
-STATE = "trace_state"  # the page state (dict), kept across page switches
+STATE = "trace_state"  # the page state (TraceState), kept across page switches
 SHOWN = "trace_shown"  # the last good result: dict(traces, state, model, source, seconds)
 CACHE = "trace_cache"  # this session's traces by key (OrderedDict)
 STOPPED = "trace_stopped"  # key of the computation the user stopped
@@ -47,28 +43,12 @@ CHIP_INDEX = "font-size:0.7rem;color:#888;font-family:sans-serif;"
 
 
 # ---------------------------------------------------------------------------------------------
-# Caches
-
-
-@st.cache_resource(show_spinner=False)
-def result_store() -> Any:
-    """One on-disk store for every session (None when the store module is missing)."""
-    return ResultStore() if ResultStore is not None else None
-
-
-@st.cache_resource(show_spinner=False)
-def process_cache() -> OrderedDict:
-    """Traces shared by every session of this process (when there is no store)."""
-    return OrderedDict()
+# Caches: this session's traces in front of the shared result store
 
 
 def trace_key(lm: tracing.LoadedModel, request: runcard.TraceRequest) -> str:
     """The store's key of a request (a hash of model, prompt and every setting)."""
-    store = result_store()
-    if store is not None:
-        return store.key(lm, request.prompt, request.settings)
-    payload = [lm.name, lm.revision, str(lm.dtype), request.prompt, request.settings]
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return common.result_store().key(lm, request.prompt, request.settings)
 
 
 def _remember(cache: OrderedDict, key: str, trace: Trace, size: int) -> None:
@@ -83,9 +63,8 @@ def lookup(key: str) -> tuple[Trace | None, str]:
     session = st.session_state.setdefault(CACHE, OrderedDict())
     if key in session:
         return session[key], "session"
-    store = result_store()
     try:
-        trace = store.get(key) if store is not None else process_cache().get(key)
+        trace = common.result_store().get(key)
     except Exception as exc:  # noqa: BLE001 - a broken store must not break the page
         st.warning(f"Could not read the result store: {exc}")
         trace = None
@@ -96,14 +75,10 @@ def lookup(key: str) -> tuple[Trace | None, str]:
 
 
 def remember(key: str, trace: Trace) -> None:
-    """Keep a trace in the session, and on disk (or in the process cache without a store)."""
+    """Keep a trace in the session, and on disk."""
     _remember(st.session_state.setdefault(CACHE, OrderedDict()), key, trace, SESSION_ITEMS)
-    store = result_store()
     try:
-        if store is not None:
-            store.put(key, trace)
-        else:
-            _remember(process_cache(), key, trace, 256)
+        common.result_store().put(key, trace)
     except Exception as exc:  # noqa: BLE001
         st.warning(f"Could not save the trace to the result store: {exc}")
 
@@ -112,17 +87,17 @@ def remember(key: str, trace: Trace) -> None:
 # Page state: URL <-> widgets
 
 
-def widget_values(state: dict[str, Any]) -> dict[str, Any]:
+def widget_values(state: TraceState) -> dict[str, Any]:
     """Widget key -> value for a page state."""
     values = {W[name]: state[name] for name in runcard.DEFAULTS if name not in ("noise", "sweep")}
-    values[W["sweep"]] = ", ".join(f"{v:g}" for v in state["sweep"])
-    sigma_mode = state["noise_mode"] == "sigma"
-    values[W["noise_sigma" if sigma_mode else "noise"]] = float(state["noise"])
-    values[W["tokens"]] = list(state["tokens"])
+    values[W["sweep"]] = ", ".join(f"{v:g}" for v in state.sweep)
+    sigma_mode = state.noise_mode == "sigma"
+    values[W["noise_sigma" if sigma_mode else "noise"]] = float(state.noise)
+    values[W["tokens"]] = list(state.tokens)
     return values
 
 
-def apply_state(state: dict[str, Any]) -> None:
+def apply_state(state: TraceState) -> None:
     """Set every widget to a page state (before the widgets are drawn, or from a callback)."""
     st.session_state[STATE] = state
     for key, value in widget_values(state).items():
@@ -130,37 +105,35 @@ def apply_state(state: dict[str, Any]) -> None:
 
 
 def restore_widgets() -> list[str]:
-    """On the session's first run read the URL; later, refill widgets dropped by a page switch."""
+    """On the session's first visit read a shared link; later, refill widgets dropped by a page
+    switch."""
     problems: list[str] = []
     if STATE not in st.session_state:
-        state, problems = runcard.parse_state(st.query_params.to_dict())
+        state, problems = TraceState.parse(common.link_query(common.PATHS["trace"]))
         apply_state(state)
     state = st.session_state[STATE]
     defaults = widget_values(state)
-    defaults.setdefault(W["noise"], runcard.DEFAULTS["noise"])
+    defaults.setdefault(W["noise"], INTERACTIVE.noise)
     defaults.setdefault(W["noise_sigma"], 3.0)
     for key, value in defaults.items():
         st.session_state.setdefault(key, value)
     return problems
 
 
-def read_state() -> dict[str, Any]:
+def read_state() -> TraceState:
     """The page state the widgets show now."""
     old = st.session_state[STATE]
-    state = {name: st.session_state.get(W[name], old[name]) for name in runcard.DEFAULTS}
-    mode = state["noise_mode"]
-    state["noise"] = float(st.session_state.get(W["noise_sigma" if mode == "sigma" else "noise"]))
-    state["tokens"] = sorted(int(i) for i in (st.session_state.get(W["tokens"]) or []))
-    state["sweep"] = old["sweep"]
-    return state
+    values = {name: st.session_state.get(W[name], old[name]) for name in runcard.DEFAULTS}
+    mode = values["noise_mode"]
+    values["noise"] = float(st.session_state.get(W["noise_sigma" if mode == "sigma" else "noise"]))
+    values["tokens"] = sorted(int(i) for i in (st.session_state.get(W["tokens"]) or []))
+    values["sweep"] = old.sweep
+    return TraceState.from_dict(values)
 
 
-def publish(state: dict[str, Any]) -> None:
+def publish(state: TraceState) -> None:
     """Save the state and put it in the URL (a shared link reproduces the page)."""
-    st.session_state[STATE] = state
-    query = runcard.state_to_query(state)
-    if st.query_params.to_dict() != query:
-        st.query_params.from_dict(query)
+    common.publish_state(state, STATE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +175,7 @@ def _pick_tokens(tokens: list[str]) -> None:
                  f"(0..{len(tokens) - 1}). It was dropped.")
         st.session_state[W["tokens"]] = [i for i in picked if 0 <= i < len(tokens)]
     st.pills("Tokens to noise (click to toggle)", list(range(len(tokens))), selection_mode="multi",
-             key=W["tokens"], format_func=lambda i: f"{i} {charts.show_token(tokens[i])}")
+             key=W["tokens"], format_func=lambda i: f"{i} {style.show_token(tokens[i])}")
 
 
 def token_chips(tokens: list[str], noised: list[int]) -> None:
@@ -211,7 +184,7 @@ def token_chips(tokens: list[str], noised: list[int]) -> None:
     for i, token in enumerate(tokens):
         mark = "*" if i in noised else ""
         chips.append(f'<span style="{CHIP_NOISED if mark else CHIP}"><span style="{CHIP_INDEX}">{i}'
-                     f"</span>{html.escape(charts.show_token(token))}{mark}</span>")
+                     f"</span>{html.escape(style.show_token(token))}{mark}</span>")
     st.html(f'<div style="display:flex;flex-wrap:wrap;gap:5px">{"".join(chips)}</div>')
 
 
@@ -238,7 +211,7 @@ def noise_inputs(lm: tracing.LoadedModel) -> None:
                            "another one with as many tokens.")
         _replacement_count(lm, c2)
         return
-    mode = c2.radio("Noise level in", runcard.NOISE_MODES, key=W["noise_mode"],
+    mode = c2.radio("Noise level in", NOISE_MODES, key=W["noise_mode"],
                     format_func={"absolute": "absolute", "sigma": "× emb. σ"}.get,
                     help="absolute: the standard deviation itself. × emb. σ: a multiple of the "
                          "standard deviation of the token-embedding matrix (ROME used 3σ).")
@@ -246,9 +219,9 @@ def noise_inputs(lm: tracing.LoadedModel) -> None:
     if mode == "sigma":
         sigma = embedding_sigma(lm)
         c1.slider(f"Noise level: {what} in multiples of σ = {sigma:.4g}",
-                  *runcard.NOISE_RANGE["sigma"], step=0.05, key=W["noise_sigma"])
+                  *NOISE_RANGE["sigma"], step=0.05, key=W["noise_sigma"])
     else:
-        c1.slider(f"Noise level ({what} added to the embeddings)", *runcard.NOISE_RANGE["absolute"],
+        c1.slider(f"Noise level ({what} added to the embeddings)", *NOISE_RANGE["absolute"],
                   step=0.01, key=W["noise"],
                   help="Default 0.4 = 3σ of this model's embeddings (ROME's rule). The seed study "
                        "used 0.5 on GPT2-XL. Moving the slider re-traces at once.")
@@ -271,13 +244,13 @@ def run_inputs(lm: tracing.LoadedModel) -> None:
                     format_func=KIND_NAMES.get,
                     help="Hidden: one clean hidden state per cell. MLP / attention: the clean "
                          "outputs of a window of layers around the cell's layer.")
-    c2.selectbox("Metric", METRICS, key=W["metric"], format_func=METRIC_LABELS.get,
+    c2.selectbox("Metric", list(METRICS), key=W["metric"], format_func=lambda m: METRICS[m].label,
                  help="normalised: (p − corrupted) / (clean − corrupted), as in the seed study.")
-    c3.number_input("Samples", *runcard.SAMPLES_RANGE, step=1, key=W["samples"],
-                    help="Noise draws averaged per cell (ROME: 10). Time grows with it; the page "
-                         "defaults to 3 to stay live on a CPU.")
-    c4.number_input("Seed", *runcard.SEED_RANGE, step=1, key=W["seed"])
-    c5.number_input("Window", *runcard.WINDOW_RANGE, step=1, key=W["window"],
+    c3.number_input("Samples", *SAMPLES_RANGE, step=1, key=W["samples"],
+                    help=f"Noise draws averaged per cell (ROME: 10). Time grows with it; the page "
+                         f"defaults to {INTERACTIVE.samples} to stay live on a CPU.")
+    c4.number_input("Seed", *SEED_RANGE, step=1, key=W["seed"])
+    c5.number_input("Window", *WINDOW_RANGE, step=1, key=W["window"],
                     disabled=kind == "hidden", help="Layers restored together for MLP / attention.")
     c6.radio("Layer l means", CONVENTIONS, key=W["convention"], format_func={"input": "entering block l",
                                                "output": "leaving block l"}.get,
@@ -288,7 +261,7 @@ def run_inputs(lm: tracing.LoadedModel) -> None:
 # Checks and requests
 
 
-def noised_tokens(lm: tracing.LoadedModel, state: dict[str, Any], tokens: list[str]) -> list[int] | None:
+def noised_tokens(lm: tracing.LoadedModel, state: TraceState, tokens: list[str]) -> list[int] | None:
     """The noised positions (chips and warnings shown), or None after showing an error."""
     try:
         noised = runcard.noised_positions(lm, state)
@@ -307,7 +280,7 @@ def noised_tokens(lm: tracing.LoadedModel, state: dict[str, Any], tokens: list[s
     return noised
 
 
-def check_request(lm: tracing.LoadedModel, state: dict[str, Any], n_tokens: int) -> None:
+def check_request(lm: tracing.LoadedModel, state: TraceState, n_tokens: int) -> None:
     """Raise ValueError for a bad target, contrast or replacement prompt (fast, before tracing)."""
     if state["target"]:
         answer_token(lm, state["target"], "expected completion")
@@ -324,7 +297,7 @@ def check_request(lm: tracing.LoadedModel, state: dict[str, Any], n_tokens: int)
                              f"prompt ({n_tokens}).")
 
 
-def requests_for(lm: tracing.LoadedModel, state: dict[str, Any]) -> dict[str, runcard.TraceRequest]:
+def requests_for(lm: tracing.LoadedModel, state: TraceState) -> dict[str, runcard.TraceRequest]:
     kinds = KINDS if state["kind"] == "all" else (state["kind"],)
     return {kind: runcard.trace_request(lm, state, kind) for kind in kinds}
 
@@ -344,28 +317,15 @@ def _resume() -> None:
 def compute(lm: tracing.LoadedModel, request: runcard.TraceRequest, key: str, label: str,
             slot: str) -> Trace:
     """Run one trace with a progress bar and a Stop button; raises TraceCancelled when stopped."""
-    holder = st.empty()
-    box = holder.container()
-    bar = box.progress(0.0, text=f"{label}: clean and corrupted runs…")
-    box.button("Stop", key=f"trace_stop_{slot}", on_click=_stop, args=(key,),
-               icon=":material/stop_circle:", help="Stop this trace (the last result stays).")
-    started = time.perf_counter()
-
-    def progress(done: int, total: int) -> bool:
-        if st.session_state.get(STOPPED) == key:
-            return False
-        seconds = time.perf_counter() - started
-        left = f", about {seconds / done * (total - done):.0f} s left" if done else ""
-        bar.progress(done / total if total else 1.0,
-                     text=f"{label}: {done}/{total} restorations, {seconds:.0f} s{left}")
-        return True
+    def stop_button(box: Any) -> None:
+        box.button("Stop", key=f"trace_stop_{slot}", on_click=_stop, args=(key,),
+                   icon=":material/stop_circle:", help="Stop this trace (the last result stays).")
 
     rows = 8 * max(1, int(request.kwargs["samples"])) * max(1, len(lm.tokenizer(request.prompt)["input_ids"]))
-    try:
-        return causal_trace(lm, request.prompt, request.noised, progress=progress,
-                            token_rows_per_batch=rows, **request.kwargs)
-    finally:
-        holder.empty()
+    with common.progress(f"{label}:", unit="%", first=f"{label}: clean and corrupted runs…",
+                         stopped=lambda: st.session_state.get(STOPPED) == key, below=stop_button) as update:
+        return causal_trace(lm, request.prompt, request.noised, progress=update,
+                            token_rows_per_batch=rows, settings=request.trace_settings)
 
 
 def get_traces(lm: tracing.LoadedModel, requests: dict[str, runcard.TraceRequest],
@@ -381,7 +341,7 @@ def get_traces(lm: tracing.LoadedModel, requests: dict[str, runcard.TraceRequest
                 return None
             st.session_state.pop(STOPPED, None)  # other settings now: the stop is over
             count = f" ({i + 1}/{len(requests)})" if len(requests) > 1 else ""
-            label = f"Tracing {charts.KIND_LABELS[kind]}{count}"
+            label = f"Tracing {style.KIND_LABELS[kind]}{count}"
             try:
                 trace = compute(lm, request, key, label, f"{slot}_{kind}")
             except TraceCancelled:
@@ -414,28 +374,28 @@ def metric_for(traces: dict[str, Trace], metric: str) -> str:
 
 def target_note(trace: Trace) -> str:
     given = trace.settings.get("target")
-    target = charts.quote_token(trace.target)
+    target = style.quote_token(trace.target)
     if given is None:
         return f"Target {target} (id {trace.target_id}): the clean run's top-1 token."
     if given == trace.target:
         return f"Target {target} (id {trace.target_id}): the expected completion."
     return (f"Target {target} (id {trace.target_id}): the first token of the expected completion "
-            f"{charts.quote_token(given)}.")
+            f"{style.quote_token(given)}.")
 
 
 def summary(trace: Trace, metric: str, source: str) -> None:
     """Clean / corrupted values, best cell, transition layer, time."""
     values = trace.metric(metric)
     low, high = trace.metric_bounds(metric)
-    best = values.argmin() if metric in charts.LOWER_IS_BETTER else values.argmax()
+    best = values.argmin() if lower_is_better(metric) else values.argmax()
     t, layer = divmod(int(best), trace.n_layers)
-    transition = charts.transition_layer(trace, metric)
+    transition = transition_layer(trace, metric)
     title = charts.metric_title(trace, metric)
     cols = st.columns(5)
     cols[0].metric(f"Clean {title}", f"{high:.4g}")
     cols[1].metric(f"Corrupted {title}", f"{low:.4g}")
     cols[2].metric("Best restoration", f"{values.flat[best]:.4g}",
-                   help=f"token {t} {charts.show_token(trace.tokens[t])}, layer {layer}")
+                   help=f"token {t} {style.show_token(trace.tokens[t])}, layer {layer}")
     cols[3].metric("Transition layer", "none" if transition is None else str(transition),
                    help="First layer from which restoring the final token beats restoring the "
                         "noised token (the one that helps most, when several are noised) at every "
@@ -443,7 +403,7 @@ def summary(trace: Trace, metric: str, source: str) -> None:
     loaded = {"session": "Loaded from this session's cache.",
               "store": "Loaded from the result store (on disk)."}.get(source, "Just computed.")
     cols[4].metric("Computed in", f"{trace.elapsed:.1f} s", help=loaded)
-    st.caption(f"{target_note(trace)} Best cell: token {t} `{charts.show_token(trace.tokens[t])}`, "
+    st.caption(f"{target_note(trace)} Best cell: token {t} `{style.show_token(trace.tokens[t])}`, "
                f"layer {layer}. {loaded}")
 
 
@@ -451,7 +411,7 @@ def top_tables(trace: Trace) -> None:
     c1, c2 = st.columns(2)
     for col, name, top in ((c1, "Clean run", trace.clean_top),
                            (c2, "Corrupted run (mean over samples)", trace.corrupted_top)):
-        frame = pd.DataFrame([(charts.quote_token(tok), p, "◀ target" if tok == trace.target else "")
+        frame = pd.DataFrame([(style.quote_token(tok), p, "◀ target" if tok == trace.target else "")
                               for tok, p in top], columns=["next token", "probability", ""])
         col.markdown(f"**{name}: top 5**")
         col.dataframe(frame, hide_index=True, width="stretch", column_config={
@@ -485,7 +445,7 @@ def compact_tab(traces: dict[str, Trace], metric: str) -> None:
         common.chart_downloads(chart, f"trace_compact_{kind}", charts.compact_frame(trace, metric))
 
 
-def export_tab(lm: tracing.LoadedModel, traces: dict[str, Trace], metric: str, state: dict) -> None:
+def export_tab(lm: tracing.LoadedModel, traces: dict[str, Trace], metric: str, state: TraceState) -> None:
     facts = lm.facts()
     model = {"name": facts["name"], "revision": facts["revision"], "family": facts["family"],
              "dtype": facts["dtype"], "device": facts["device"]}
@@ -493,7 +453,7 @@ def export_tab(lm: tracing.LoadedModel, traces: dict[str, Trace], metric: str, s
                 "setting, package versions). Load a JSON export back below to reproduce the page.")
     for kind, trace in traces.items():
         stem = f"trace_{kind}_{_slug(trace.prompt)}_noise{trace.settings.get('noise', 0):g}"
-        page = {**state, "kind": kind}
+        page = {**state.to_dict(), "kind": kind}
         c1, c2, c3 = st.columns([1, 1, 4], vertical_alignment="center")
         which = f" · {KIND_NAMES[kind]}" if len(traces) > 1 else ""
         common.download_button(f"JSON{which}", _later(runcard.to_json, trace, metric, model, page),
@@ -536,7 +496,7 @@ def _load_card() -> None:
     except ValueError as exc:
         st.session_state[CARD_MSG] = ("error", f"Could not load {upload.name}: {exc}")
         return
-    apply_state(loaded.state)
+    apply_state(TraceState.from_dict(loaded.state))
     st.session_state.pop(STOPPED, None)
     if loaded.trace is not None:
         _cache_loaded(lm, loaded)
@@ -564,46 +524,48 @@ def _cache_loaded(lm: tracing.LoadedModel, loaded: runcard.LoadedCard) -> None:
 # Noise sweep
 
 
-def sweep_tab(lm: tracing.LoadedModel, state: dict[str, Any], metric: str, ok: bool) -> None:
+def sweep_tab(lm: tracing.LoadedModel, state: TraceState, metric: str, ok: bool) -> TraceState:
+    """The noise sweep; returns the state with the sweep's levels as typed (when they parse)."""
     st.caption("The same trace at several noise levels, side by side on one colour scale (the seed "
                "study compared 0.1, 0.3, 0.5 and 1.0). Every level is a full trace; each is cached.")
     c1, c2 = st.columns([1, 3])
     c1.toggle("Compute the sweep", key=W["sweep_on"])
     c2.text_input("Noise levels (comma separated)", key=W["sweep"])
-    levels, problems = runcard.parse_state({"sweep": st.session_state[W["sweep"]],
-                                            "noise_mode": state["noise_mode"]})
+    levels, problems = TraceState.parse({"sweep": st.session_state[W["sweep"]],
+                                         "noise_mode": state.noise_mode})
     if problems:
         st.error(f"Bad noise levels: {problems[0]}")
-        return
-    state["sweep"] = levels["sweep"]
-    if state["corruption"] == "replace":
+        return state
+    state = state.replace(sweep=levels.sweep)
+    if state.corruption == "replace":
         st.info("Token replacement has no noise level to sweep.")
-        return
-    if not state["sweep_on"]:
-        return
+        return state
+    if not state.sweep_on:
+        return state
     if not ok:
         st.info("Fix the settings above to compute the sweep.")
-        return
-    kind = "hidden" if state["kind"] == "all" else state["kind"]
-    requests = {level: runcard.trace_request(lm, state, kind, noise=level) for level in state["sweep"]}
+        return state
+    kind = "hidden" if state.kind == "all" else state.kind
+    requests = {level: runcard.trace_request(lm, state, kind, noise=level) for level in state.sweep}
     traces = {}
     for level, request in requests.items():
         got = get_traces(lm, {kind: request}, slot=f"sweep_{level:g}")
         if got is None:
-            return
+            return state
         traces[level] = got[0][kind]
     metric = metric_for(traces, metric)
     chart = charts.noise_sweep(traces, metric)
     st.altair_chart(chart, width="content")
     data = pd.concat([charts.trace_frame(t, metric).assign(noise=level) for level, t in traces.items()])
     common.chart_downloads(chart, "trace_noise_sweep", data)
+    return state
 
 
 # ---------------------------------------------------------------------------------------------
 # The page
 
 
-def inputs(lm: tracing.LoadedModel) -> tuple[dict[str, Any], list[str] | None, list[int] | None]:
+def inputs(lm: tracing.LoadedModel) -> tuple[TraceState, list[str] | None, list[int] | None]:
     """Every input widget; the page state, the prompt's tokens and the noised positions."""
     notes = st.container()  # fixed place for chips, errors and warnings (a stable layout)
     with notes:
@@ -617,33 +579,34 @@ def inputs(lm: tracing.LoadedModel) -> tuple[dict[str, Any], list[str] | None, l
     return state, tokens, noised
 
 
-def trace_now(lm: tracing.LoadedModel, state: dict[str, Any], tokens, noised) -> bool:
-    """Trace the current settings (or load them); False if the inputs are bad or it stopped."""
+def trace_now(lm: tracing.LoadedModel, state: TraceState, tokens, noised) -> bool:
+    """Trace the current settings (or load them); False if the inputs are bad or it stopped (the
+    last good result stays in SHOWN)."""
     if tokens is None or noised is None:
         return False
-    try:
+
+    def trace() -> dict | None:
         check_request(lm, state, len(tokens))
-        requests = requests_for(lm, state)
-        got = get_traces(lm, requests)
-    except ValueError as exc:
-        common.show_error(exc, "Cannot trace these settings")
-        return False
-    if got is None:
-        return False
-    traces, source = got
-    st.session_state[SHOWN] = dict(traces=traces, state=dict(state), model=lm.name, source=source)
-    return True
+        got = get_traces(lm, requests_for(lm, state))
+        if got is None:  # stopped
+            return None
+        traces, source = got
+        return dict(traces=traces, state=state, model=lm.name, source=source)
+
+    return common.keep_last_good(SHOWN, trace, "Cannot trace these settings")[1]
 
 
-def results(lm: tracing.LoadedModel, state: dict[str, Any], current: bool, ok: bool) -> None:
+def results(lm: tracing.LoadedModel, state: TraceState, current: bool, ok: bool) -> TraceState:
+    """The last good result (with a warning when it is not the current settings'); returns the
+    state with the sweep's levels."""
     shown = st.session_state.get(SHOWN)
     if shown is None:
-        return
+        return state
     if not current:
         st.warning(f"Showing the last result that worked (model {shown['model']}, prompt "
                    f"{shown['state']['prompt']!r}, noise {shown['state']['noise']:g}).")
     traces = shown["traces"]
-    metric = metric_for(traces, state["metric"])
+    metric = metric_for(traces, state.metric)
     first = next(iter(traces.values()))
     summary(first, metric, shown["source"] if current else "session")
     top_tables(first)
@@ -656,7 +619,7 @@ def results(lm: tracing.LoadedModel, state: dict[str, Any], current: bool, ok: b
         export_tab(lm, traces, metric, shown["state"])
         card_upload()
     with tabs[2]:
-        sweep_tab(lm, state, metric, ok and current)
+        return sweep_tab(lm, state, metric, ok and current)
 
 
 def main() -> None:
@@ -665,8 +628,7 @@ def main() -> None:
                "see how much of the model's prediction comes back (Meng et al. 2022, ROME).")
     lm = common.current_model()
     with st.container():
-        for problem in restore_widgets():
-            st.warning(f"Link setting {problem}")
+        common.show_problems(restore_widgets())
     state, tokens, noised = inputs(lm)
     publish(state)
     st.divider()
@@ -677,8 +639,7 @@ def main() -> None:
                 st.info("Nothing traced yet: fix the inputs above.")
             card_upload()
             return
-    results(lm, state, ok, ok)
-    publish(state)
+    publish(results(lm, state, ok, ok))
 
 
-main()
+common.run_page(main)

@@ -3,6 +3,8 @@
 Prints absolute seconds and ratios (never asserts): `make bench` or
 `.venv/bin/python scripts/benchmark.py [--samples 10] [--kinds hidden mlp attn] [--quick]`.
 With --random-gpt2-xl (for a GPU box) it times GPT-2-XL-sized models with random weights.
+With --preview it times the first-order preview (tracing.preview) on the Eiffel prompt and measures
+its accuracy against the exact engine over the shipped prompt set (--limit N prompts).
 """
 
 from __future__ import annotations
@@ -57,23 +59,80 @@ def bench_kind(lm, kind: str, samples: int, noised: list[int], naive_cells) -> d
     }
 
 
+def bench_preview(lm, kinds: list[str], limit: int | None, samples: int = 3, noise: float = 0.4) -> None:
+    """Preview seconds (cold: a new noise level, clean run cached; warm) and accuracy against
+    the exact trace over the shipped prompt set."""
+    from tracing.causal import clean_run
+    from tracing.model.tokens import tokenize
+    from tracing.preview import preview_trace
+    from tracing.prompts import expected_token_id, resolve_noised
+
+    noised = tracing.subject_positions(lm, EIFFEL, "Eiffel Tower")
+    clean_run(lm, tokenize(lm, EIFFEL))
+    print(f"preview, Eiffel prompt, noised {noised}, {samples} samples")
+    print(f"{'kind':8} {'cold s':>8} {'warm s':>8} {'exact s':>8}")
+    for i, kind in enumerate(kinds):
+        level = noise + 0.01 * (i + 1)  # a noise level not traced before
+        _, cold = timed(lambda: preview_trace(lm, EIFFEL, noised, kind=kind, noise=level, samples=samples))
+        _, warm = timed(lambda: preview_trace(lm, EIFFEL, noised, kind=kind, noise=level, samples=samples))
+        _, exact = timed(lambda: causal_trace(lm, EIFFEL, noised, kind=kind, noise=level, samples=samples))
+        print(f"{kind:8} {cold:8.3f} {warm:8.3f} {exact:8.2f}")
+
+    rows = tracing.load_prompt_set()
+    if limit is not None and limit < len(rows):  # spread over the set (it is sorted by category)
+        rows = rows.iloc[np.linspace(0, len(rows) - 1, limit).round().astype(int)]
+    print(f"accuracy over {len(rows)} prompts of the shipped set (noise {noise}, {samples} samples, "
+          f"target = expected completion)")
+    print(f"{'kind':8} {'n':>3} {'median r':>9} {'worst r':>8} {'MAE':>8} {'top cell':>9} "
+          f"{'MAE noised<L/3':>15} {'MAE rest':>9}")
+    for kind in kinds:
+        rs, maes, tops, early, rest = [], [], [], [], []
+        for _, row in rows.iterrows():
+            try:
+                positions = resolve_noised(lm, row["prompt"], row["subject"], row.get("noised"))
+                target = expected_token_id(lm, row["prompt"], row["expected"])
+            except ValueError:
+                continue
+            kwargs = dict(kind=kind, noise=noise, samples=samples, target=target)
+            exact = causal_trace(lm, row["prompt"], positions, **kwargs).scores
+            approx = preview_trace(lm, row["prompt"], positions, **kwargs).scores
+            rs.append(np.corrcoef(exact.ravel(), approx.ravel())[0, 1])
+            maes.append(np.abs(exact - approx).mean())
+            te, le = np.unravel_index(exact.argmax(), exact.shape)
+            tp, lp = np.unravel_index(approx.argmax(), approx.shape)
+            tops.append(te == tp and abs(le - lp) <= 1)
+            mask = np.zeros(exact.shape, bool)
+            mask[positions, : exact.shape[1] // 3] = True
+            early.append(np.abs(exact - approx)[mask].mean())
+            rest.append(np.abs(exact - approx)[~mask].mean())
+        print(f"{kind:8} {len(rs):3d} {np.median(rs):9.3f} {np.min(rs):8.3f} {np.mean(maes):8.4f} "
+              f"{np.mean(tops):9.0%} {np.mean(early):15.4f} {np.mean(rest):9.4f}")
+    print("r: Pearson over all cells of p(target), per prompt; top cell: the preview's largest cell is "
+          "the exact one's (same token, within one layer)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--kinds", nargs="+", default=["hidden", "mlp", "attn"])
     parser.add_argument("--quick", action="store_true", help="time the naive loop on a third of the cells and extrapolate")
     parser.add_argument("--random-gpt2-xl", action="store_true", help="GPT-2-XL-sized random model (GPU box)")
+    parser.add_argument("--preview", action="store_true", help="time the first-order preview and measure its accuracy")
+    parser.add_argument("--limit", type=int, default=None, help="--preview: only the first N prompts of the set")
     args = parser.parse_args()
     if args.random_gpt2_xl:
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
 
         lm = tracing.load_model(tracing.DEFAULT_MODEL)
         config = AutoConfig.for_model("gpt2", n_layer=48, n_head=25, n_embd=1600, vocab_size=len(lm.tokenizer))
-        lm = tracing.models.model_from_config(config, lm.tokenizer, name="random gpt2-xl")
-        lm.model.to(tracing.models.pick_device())
-        lm.device = tracing.models.pick_device()
+        lm = tracing.model.loading.model_from_config(config, lm.tokenizer, name="random gpt2-xl")
+        lm.model.to(tracing.model.loading.pick_device())
+        lm.device = tracing.model.loading.pick_device()
     else:
         lm = tracing.load_model(tracing.DEFAULT_MODEL)
+    if args.preview:
+        bench_preview(lm, args.kinds, args.limit)
+        return
     noised = [1, 2, 3]
     n_tokens = len(lm.tokenizer(EIFFEL)["input_ids"])
     cells = None

@@ -1,4 +1,15 @@
-"""Shared fixtures: the embedded model (loaded once) and tiny random models of every family."""
+"""Shared fixtures: the embedded model (loaded once), tiny random models of every family, and a
+private cache for every test.
+
+No test writes into the user's ``~/.cache``: for the whole session ``CAUSAL_TRACING_CACHE`` (the
+model cache, ``tracing.model.loading.cache_root()``) points at one temporary folder, into which the
+embedded GGUF model is converted once and then shared by every test; each test gets its own empty
+result store (``CAUSAL_TRACING_RESULTS``), returned by the ``results_dir`` fixture. Set
+``CAUSAL_TRACING_TEST_CACHE`` to a folder to keep the converted model between sessions (it saves
+the ~20 s conversion on every targeted run).
+
+Test traces with known numbers come from ``tests/factory.py``.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import tracing  # noqa: E402
-from tracing.models import model_from_config  # noqa: E402
+from tracing.model.loading import model_from_config  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -36,6 +47,44 @@ def _always_app_navigation() -> None:
 _always_app_navigation()
 
 FAMILIES = ("gpt2", "llama", "qwen2", "gpt_neox", "gptj")
+
+CACHE_ENV = "CAUSAL_TRACING_CACHE"  # tracing.model.loading.cache_root(): converted models
+RESULTS_ENV = "CAUSAL_TRACING_RESULTS"  # tracing.store.default_root(): stored traces
+KEEP_CACHE_ENV = "CAUSAL_TRACING_TEST_CACHE"  # optional: a model cache kept between sessions
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory) -> Path:
+    """The session's model cache (``CAUSAL_TRACING_CACHE``): a temporary folder, or the folder
+    named by ``CAUSAL_TRACING_TEST_CACHE``. Set for the whole session before any other fixture
+    (session fixtures such as ``embedded`` load through it), so the embedded model is converted
+    once per session and read by every test from there. Session-scoped fixtures that store
+    results write into ``<cache>/session-results``; each test gets its own (``results_dir``)."""
+    kept = os.environ.get(KEEP_CACHE_ENV)
+    root = Path(kept).expanduser().resolve() if kept else tmp_path_factory.mktemp("cache")
+    root.mkdir(parents=True, exist_ok=True)
+    saved = {name: os.environ.get(name) for name in (CACHE_ENV, RESULTS_ENV)}
+    os.environ[CACHE_ENV] = str(root)
+    os.environ[RESULTS_ENV] = str(root / "session-results")
+    try:
+        yield root
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture(autouse=True)
+def results_dir(model_cache, tmp_path_factory, monkeypatch) -> Path:
+    """Every test's own, empty result store (``CAUSAL_TRACING_RESULTS``), with the session's model
+    cache (a test may change either with monkeypatch; both are restored after it). Subprocesses
+    and app servers a test starts inherit both."""
+    results = tmp_path_factory.mktemp("results")
+    monkeypatch.setenv(CACHE_ENV, str(model_cache))
+    monkeypatch.setenv(RESULTS_ENV, str(results))
+    return results
 
 
 def tiny_config(family: str, vocab_size: int, n_layers: int = 3):
@@ -75,8 +124,9 @@ def tiny_config(family: str, vocab_size: int, n_layers: int = 3):
 
 
 @pytest.fixture(scope="session")
-def embedded() -> tracing.LoadedModel:
-    """The embedded pretrained SmolLM2-135M-Instruct (converted once, then cached)."""
+def embedded(model_cache) -> tracing.LoadedModel:
+    """The embedded pretrained SmolLM2-135M-Instruct (converted once into the session's model
+    cache, then shared)."""
     return tracing.load_model(tracing.DEFAULT_MODEL)
 
 

@@ -11,8 +11,10 @@ import torch
 
 from conftest import FAMILIES
 from tracing import attention as A
+from tracing.model.tokens import tokenize
 
 PROMPT = "The Eiffel Tower is located in the city of"
+TOO_LONG = "word " * 400  # tiny models take 256 tokens
 TEXT = (
     "It was a quiet morning in the harbour town. The fishing boats had gone out before dawn, and "
     "the only sound on the quay was the slow creak of ropes against the bollards. Martha opened "
@@ -35,7 +37,7 @@ def eager_attentions(lm, ids: list[int]) -> list[np.ndarray]:
 
 
 def check_attention_to(lm, prompt: str, positions: list[int], atol: float) -> None:
-    ids = A.prompt_ids(lm, prompt)
+    ids = tokenize(lm, prompt)
     got = A.attention_to(lm, prompt, positions)
     assert got.shape == (lm.n_layers, lm.n_heads, len(positions))
     keys = [p % len(ids) for p in positions]
@@ -52,7 +54,7 @@ def test_attention_to_matches_eager_forward(tiny, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_attention_pattern_matches_eager_forward(tiny, family):
     lm = tiny(family)
-    ids = A.prompt_ids(lm, PROMPT)
+    ids = tokenize(lm, PROMPT)
     want = eager_attentions(lm, ids)
     for layer in (0, lm.n_layers - 1):
         got = A.attention_pattern(lm, PROMPT, layer)
@@ -63,7 +65,7 @@ def test_attention_pattern_matches_eager_forward(tiny, family):
 @pytest.mark.slow
 def test_attention_on_embedded_model(embedded):
     check_attention_to(embedded, PROMPT, [0, 4, -1], atol=1e-4)
-    ids = A.prompt_ids(embedded, PROMPT)
+    ids = tokenize(embedded, PROMPT)
     got = A.attention_pattern(embedded, PROMPT, 12)
     np.testing.assert_allclose(got, eager_attentions(embedded, ids)[12], atol=1e-4, rtol=0)
 
@@ -74,7 +76,7 @@ def test_bad_inputs_give_clear_errors(tiny):
         A.attention_to(lm, "   ", [0])
     with pytest.raises(ValueError, match="context"):
         A.attention_to(lm, "word " * (lm.n_ctx + 5), [0])
-    n = len(A.prompt_ids(lm, PROMPT))
+    n = len(tokenize(lm, PROMPT))
     for bad in (n, -n - 1):
         with pytest.raises(ValueError, match="out of range"):
             A.attention_to(lm, PROMPT, [bad])
@@ -82,6 +84,55 @@ def test_bad_inputs_give_clear_errors(tiny):
         A.attention_to(lm, PROMPT, [1.5])
     with pytest.raises(ValueError, match="Layer"):
         A.attention_pattern(lm, PROMPT, lm.n_layers)
+
+
+def test_attention_pattern_rejects_bad_prompts_and_layers(tiny):
+    lm = tiny("gpt2")
+    for prompt, message in (("", "empty"), ("  ", "empty"), (None, "empty"), (TOO_LONG, "context")):
+        with pytest.raises(ValueError, match=message):
+            A.attention_pattern(lm, prompt, 0)
+    for layer in (-1, lm.n_layers, 10**6):
+        with pytest.raises(ValueError, match="out of range"):
+            A.attention_pattern(lm, PROMPT, layer)
+
+
+@pytest.mark.parametrize("layer", [1.5, "1", None, True])
+def test_attention_pattern_rejects_non_integer_layers(tiny, layer):
+    """Not a TypeError ('float' object cannot be interpreted as an integer / str + int)."""
+    with pytest.raises(ValueError, match="[Ll]ayer"):
+        A.attention_pattern(tiny("gpt2"), PROMPT, layer)
+
+
+def test_attention_to_rejects_bad_prompts_and_positions(tiny):
+    lm = tiny("gpt2")
+    with pytest.raises(ValueError, match="empty"):
+        A.attention_to(lm, None, [0])
+    with pytest.raises(ValueError, match="integers"):
+        A.attention_to(lm, PROMPT, "0")  # a string is not a list of positions
+    with pytest.raises(ValueError, match="integers"):
+        A.attention_to(lm, PROMPT, [None])
+    n = len(tokenize(lm, PROMPT))
+    with pytest.raises(ValueError, match="out of range"):
+        A.attention_to(lm, PROMPT, [0, 10**9])
+    np.testing.assert_array_equal(A.attention_to(lm, PROMPT, [-n]), A.attention_to(lm, PROMPT, [0]))
+
+
+def test_attention_to_without_positions_is_an_error(tiny):
+    """Not an empty [layers, heads, 0] array, which charts would show as nothing."""
+    with pytest.raises(ValueError, match="position"):
+        A.attention_to(tiny("gpt2"), PROMPT, [])
+
+
+@pytest.mark.parametrize("window, message", [
+    ([], "empty"),
+    (list(range(300)), "context"),
+    ([1, 10**9], "vocabulary"),
+    ([-5, 1], "vocabulary"),
+])
+def test_first_token_attention_rejects_bad_windows(tiny, window, message):
+    """Not a RuntimeError (reshape) for an empty window or an IndexError for a bad id."""
+    with pytest.raises(ValueError, match=message):
+        A.first_token_attention(tiny("gpt2"), window)
 
 
 def test_threads_record_only_their_own_attention(tiny):
@@ -132,13 +183,16 @@ def test_layer_summary_hand_computed():
     # head means: prompt a -> layer0 0.2, layer1 0.6; prompt c -> layer0 0.4, layer1 0.25
     assert first.loc[0, "mean"] == pytest.approx(0.3)
     assert first.loc[1, "mean"] == pytest.approx(0.425)
-    assert first.loc[0, "std"] == pytest.approx(0.1)
-    assert first.loc[1, "std"] == pytest.approx(0.175)
+    # tracing.analysis.describe: sample std (ddof=1), sem = std / sqrt(n)
+    assert first.loc[0, "std"] == pytest.approx(0.1 * np.sqrt(2))  # |0.2 - 0.4| / sqrt(2) = 0.1414...
+    assert first.loc[1, "std"] == pytest.approx(0.175 * np.sqrt(2))  # |0.6 - 0.25| / sqrt(2) = 0.2475...
     assert first.loc[1, "sem"] == pytest.approx(0.175)  # std(ddof=1) / sqrt(2) with n = 2
     assert first.loc[0, "q25"] == pytest.approx(0.25) and first.loc[0, "q75"] == pytest.approx(0.35)
     assert (first["n"] == 2).all()
     single = s[(s.category == "non_english") & (s.target == "first")].set_index("layer")
-    assert single.loc[0, "mean"] == pytest.approx(0.4) and single.loc[0, "std"] == 0
+    assert single.loc[0, "mean"] == pytest.approx(0.4)
+    assert np.isnan(single.loc[0, "std"]) and np.isnan(single.loc[0, "sem"])  # one prompt: undefined
+    assert (single["n"] == 1).all()
     noised = s[(s.category == "semantic") & (s.target == "noised")].set_index("layer")
     assert noised.loc[0, "mean"] == pytest.approx((0.1 + 0.3) / 2)
     assert noised.loc[1, "mean"] == pytest.approx(0.0)
@@ -148,7 +202,8 @@ def test_head_summary_difference_and_per_prompt_hand_computed():
     r = hand_result()
     heads = A.head_summary(r, "first").set_index(["category", "layer", "head"])
     assert heads.loc[("semantic", 1, 0), "mean"] == pytest.approx((0.5 + 0.3) / 2)
-    assert heads.loc[("semantic", 1, 1), "std"] == pytest.approx(0.25)
+    assert heads.loc[("semantic", 1, 1), "std"] == pytest.approx(0.25 * np.sqrt(2))  # |0.7 - 0.2| / sqrt(2)
+    assert np.isnan(heads.loc[("non_english", 0, 0), "std"])  # one prompt: undefined
     assert heads.loc[("non_english", 0, 0), "n"] == 1
     diff = A.head_difference(r, "first", "semantic", "non_english").set_index(["layer", "head"])
     assert diff.loc[(0, 1), "difference"] == pytest.approx((0.3 + 0.5) / 2 - 0.2)
@@ -187,10 +242,10 @@ def test_prompt_set_attention_positions_and_noised_sum(tiny):
 
     calls = []
     r = A.prompt_set_attention(lm, frame, progress=lambda d, t: calls.append((d, t)), attend=fake_attend)
-    n0 = len(A.prompt_ids(lm, PROMPT))
-    tower = A.prompt_ids(lm, PROMPT).index(lm.tokenizer(" Tower")["input_ids"][0])
+    n0 = len(tokenize(lm, PROMPT))
+    tower = tokenize(lm, PROMPT).index(lm.tokenizer(" Tower")["input_ids"][0])
     assert asked[0] == (PROMPT, (0, tower, n0 - 1))
-    n1 = len(A.prompt_ids(lm, frame.prompt[1]))
+    n1 = len(tokenize(lm, frame.prompt[1]))
     assert asked[1] == (frame.prompt[1], (0, 1, 2, n1 - 1))
     np.testing.assert_allclose(r.weights[0, 0, 0], [0.1, 0.2, 0.3])
     np.testing.assert_allclose(r.weights[1, 0, 0], [0.1, 0.2 + 0.3, 0.4])
@@ -260,3 +315,14 @@ def test_long_text_caps_length_and_checks_text(tiny):
         A.long_text_attention(lm, "  ", n_samples=1, length=10)
     with pytest.raises(ValueError, match="only"):
         A.long_text_attention(lm, "Short text.", n_samples=1, length=50)
+
+
+def test_long_text_attention_rejects_bad_sizes(tiny):
+    lm = tiny("gpt2")
+    text = PROMPT * 10
+    with pytest.raises(ValueError, match="at least 1"):
+        A.long_text_attention(lm, text, n_samples=0, length=5)
+    with pytest.raises(ValueError, match="at least 2"):
+        A.long_text_attention(lm, text, n_samples=1, length=1)
+    with pytest.raises(ValueError, match="empty"):
+        A.long_text_attention(lm, None, n_samples=1, length=5)

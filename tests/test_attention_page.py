@@ -13,8 +13,7 @@ APP = str(Path(__file__).resolve().parents[1] / "app.py")
 def open_page(tab: str = "By prompt type", prompt_set: str = "quick") -> AppTest:
     """The attention page on one tab (tabs are lazy), with the small shipped set ``quick``."""
     at = AppTest.from_file(APP, default_timeout=600)
-    at.run()
-    at.switch_page("pages/attention.py")
+    at.switch_page("pages/attention.py")  # a deep link: the trace page does not run first
     at.session_state["attn_set"] = prompt_set
     at.session_state["attn_tab"] = tab
     at.run()

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pandas as pd
 import pytest
 
-import tracing.causal
+from factory import rows_trace
 from tracing.__main__ import main
+from tracing.analysis import transition_layer
 from tracing.batch import (
     PromptResult,
     category_averages,
@@ -18,8 +17,8 @@ from tracing.batch import (
     plan_batch,
     prompt_table,
     run_batch,
-    transition_layer,
 )
+from tracing.causal import causal_trace
 from tracing.prompts import load_prompt_set, shipped_sets
 from tracing.store import ResultStore
 
@@ -27,11 +26,7 @@ from tracing.store import ResultStore
 def fake(category: str, noised_row, final_row, low: float, high: float, correct: bool = True,
          n_tokens: int = 4, noised: int = 1) -> PromptResult:
     """A result whose trace has the given raw p rows (other rows 0)."""
-    scores = np.zeros((n_tokens, len(noised_row)))
-    scores[noised], scores[-1] = noised_row, final_row
-    top = [(" yes", high)] if correct else [(" no", 0.9)]
-    trace = SimpleNamespace(scores=scores, low=low, high=high, noised=[noised], tokens=["t"] * n_tokens,
-                            target=" yes", clean_top=top)
+    trace = rows_trace(noised_row, final_row, low, high, n_tokens=n_tokens, noised=noised, correct=correct)
     return PromptResult(0, category, "p", " yes", "s", status="computed", trace=trace)
 
 
@@ -68,7 +63,7 @@ def test_normalised_rows_and_transition_layer():
     assert transition_layer(hand_set()[2].trace) == 1
     assert transition_layer(fake("semantic", [1, 1], [0, 0], 0, 1).trace) is None
     # the final token wins at layer 1, loses at 2, wins for good from 3: the transition is 3,
-    # as on the trace page (charts.transition_layer), not the first crossing
+    # (tracing.analysis.transition_layer, the trace page's rule too), not the first crossing
     wobbly = fake("semantic", [0.5, 0.2, 0.6, 0.1], [0.1, 0.3, 0.2, 0.9], low=0.1, high=0.9)
     assert transition_layer(wobbly.trace) == 3
     flat = fake("semantic", [0.2, 0.2], [0.2, 0.2], low=0.2, high=0.2)
@@ -133,20 +128,18 @@ def three_prompts() -> pd.DataFrame:
 SETTINGS = {"kind": "hidden", "noise": 0.5, "samples": 2}
 
 
-def test_cancel_midway_then_resume_computes_only_the_missing(tiny, tmp_path, three_prompts, monkeypatch):
+def test_cancel_midway_then_resume_computes_only_the_missing(tiny, tmp_path, three_prompts):
     lm = tiny("llama")
     store = ResultStore(tmp_path)
     calls: list[str] = []
-    real = tracing.causal.causal_trace
 
     def counting(lm, prompt, *args, **kwargs):
         calls.append(prompt)
-        return real(lm, prompt, *args, **kwargs)
+        return causal_trace(lm, prompt, *args, **kwargs)
 
-    monkeypatch.setattr(tracing.causal, "causal_trace", counting)
     finished: list[str] = []
     first = run_batch(lm, three_prompts, SETTINGS, store, should_stop=lambda: len(finished) >= 1,
-                      progress=lambda done, total, r: finished.append(r.prompt))
+                      progress=lambda done, total, r: finished.append(r.prompt), trace=counting)
     assert first.cancelled
     assert [r.status for r in first.results] == ["computed", "pending", "pending"]
     assert calls == [three_prompts["prompt"][0]]
@@ -155,14 +148,14 @@ def test_cancel_midway_then_resume_computes_only_the_missing(tiny, tmp_path, thr
     assert [r.status for r in plan] == ["stored", "pending", "pending"]
 
     calls.clear()
-    second = run_batch(lm, three_prompts, SETTINGS, ResultStore(tmp_path))
+    second = run_batch(lm, three_prompts, SETTINGS, ResultStore(tmp_path), trace=counting)
     assert not second.cancelled
     assert [r.status for r in second.results] == ["stored", "computed", "computed"]
     assert calls == list(three_prompts["prompt"][1:])
     np.testing.assert_array_equal(second.results[0].trace.scores, first.results[0].trace.scores)
 
     calls.clear()
-    third = run_batch(lm, three_prompts, SETTINGS, ResultStore(tmp_path))
+    third = run_batch(lm, three_prompts, SETTINGS, ResultStore(tmp_path), trace=counting)
     assert third.counts == {"stored": 3} and calls == []
     other = run_batch(lm, three_prompts.head(1), {**SETTINGS, "noise": 0.6}, store)
     assert other.counts == {"computed": 1}  # new settings, new key
@@ -192,6 +185,14 @@ def test_bad_rows_are_skipped_with_a_reason(tiny, tmp_path, three_prompts):
     assert "does not occur in the prompt" in batch.results[1].message
     with pytest.raises(ValueError, match="target"):
         run_batch(tiny("gpt2"), frame, SETTINGS, ResultStore(tmp_path), target="best")
+
+
+def test_batch_settings_and_target_are_checked(tiny, three_prompts):
+    lm, frame = tiny("gpt2"), three_prompts.head(1)
+    with pytest.raises(ValueError, match="target must be one of"):
+        run_batch(lm, frame, {"samples": 1}, target="best")
+    with pytest.raises(ValueError, match="Unknown trace settings"):
+        run_batch(lm, frame, {"samples": 1, "colour": "red"})
 
 
 def test_target_expected_vs_top1(tiny, tmp_path, three_prompts):
@@ -252,12 +253,15 @@ def test_cli_batch_writes_the_store(embedded, tmp_path, capsys):
 def test_chart_builders_render():
     import vl_convert as vlc
 
-    from tracing.category_charts import heatmap_chart, line_chart, scatter_chart
+    from tracing.charts.averages import heatmap_chart, line_chart, scatter_chart
+    from tracing.charts.style import RAMPS
 
     averages = category_averages(hand_set())
     heat = heatmap_chart(averages).to_dict()
     assert heat["facet"]["column"]["field"] == "title"
-    assert heat["spec"]["encoding"]["color"]["scale"]["scheme"] == "purples"
+    # the purples ramp from white (ROME's hidden-state palette, as on the trace page)
+    ramp = heat["spec"]["encoding"]["color"]["scale"]["range"]
+    assert ramp[0] == "#fcfbfd" and ramp[-1] == "#3f007d" and ramp == RAMPS["hidden"]
     titles = {row["title"] for row in heat["datasets"][next(iter(heat["datasets"]))]}
     assert titles == {"Non-English regurgitation (n=2)", "Plain-English regurgitation (n=1)", "Semantic recall (n=1)"}
     lines = line_chart(averages, spread="std")

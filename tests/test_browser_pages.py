@@ -12,7 +12,6 @@ Skipped when Chromium or Playwright is missing, unless the environment variable 
 
 from __future__ import annotations
 
-import random
 import re
 import time
 from urllib.parse import urlencode
@@ -111,7 +110,7 @@ def _set_number(page, label: str, value: int) -> None:
 
 def test_trace_page(server, page):
     query = urlencode({"prompt": "The Eiffel Tower is located in the city of", "samples": "2",
-                       "seed": str(random.randrange(1000, 10**6))})
+                       "seed": "4321"})  # the store is empty: it computes
     page.goto(f"{server.url}/?{query}")
     _wait_for_chart(page)
     assert page.get_by_text("Causal trace of one prompt").count()

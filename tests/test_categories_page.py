@@ -50,14 +50,17 @@ def fake_trace(lm, prompt, noised, kind="hidden", noise=0.4, samples=10, seed=0,
 
 @pytest.fixture
 def fast_engine(monkeypatch, tmp_path):
+    """The fake engine (the page hands ``tracing.causal.causal_trace``, looked up when the batch
+    runs, to ``run_batch(trace=...)``) and an empty result store of this test's own."""
     monkeypatch.setenv("CAUSAL_TRACING_RESULTS", str(tmp_path / "results"))
     monkeypatch.setattr(tracing.causal, "causal_trace", fake_trace)
     return tmp_path / "results"
 
 
 def open_page() -> AppTest:
+    """The page as a deep link opens it (its URL path is its file name): the default trace page
+    does not run first, so only this page's traces reach the test's store."""
     at = AppTest.from_file(APP, default_timeout=600)
-    at.run()
     at.switch_page(PAGE)
     at.run()
     return at

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import tracing
-from tracing.causal import causal_trace, subject_positions
+from tracing.causal import causal_trace
+from tracing.model.tokens import subject_positions
 from tracing.reference import naive_trace
 from conftest import FAMILIES
 
@@ -131,6 +132,48 @@ def test_bad_input_raises_clear_value_errors(tiny, kwargs, message):
         causal_trace(lm, args.pop("prompt"), args.pop("noised"), **args)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(corruption="blur"), "Unknown corruption 'blur'"),
+    (dict(noise_mode="relative"), "Unknown noise mode 'relative'"),
+    (dict(convention="middle"), "Unknown layer convention 'middle'"),
+    (dict(kind=None), "Unknown kind"),
+    (dict(noise="loud"), "noise level must be a finite number"),
+    (dict(noise=float("inf")), "noise level must be a finite number"),
+    (dict(noise=None), "noise level must be a finite number"),
+    (dict(samples=1.5), "samples must be an integer"),
+    (dict(samples=True), "samples must be an integer"),
+    (dict(samples="3"), "samples must be an integer"),
+    (dict(window=2.5), "window must be an integer"),
+    (dict(window=-3), "window must be an integer"),
+    (dict(target=1.5), "must be a token id or a completion string"),
+    (dict(target=True), "must be a token id or a completion string"),
+    (dict(target=-1), "outside the vocabulary"),
+    (dict(contrast=10**9), "contrast token id .* outside the vocabulary"),
+    (dict(corruption="replace"), "needs a second prompt"),
+    (dict(corruption="replace", replacement="   "), "empty"),
+    (dict(noised=[True]), "not an integer"),
+    (dict(noised=["1"]), "not an integer"),
+    (dict(noised=[1.0]), "not an integer"),
+    (dict(noised=[-1]), "out of range"),
+    (dict(noised=None), "No tokens to noise"),
+    (dict(prompt=None), "empty"),
+    (dict(prompt="   \n\t"), "empty"),
+])
+def test_causal_trace_rejects_bad_settings(tiny, kwargs, message):
+    lm = tiny("gpt2")
+    args = dict(prompt=EIFFEL, noised=NOISED, samples=1) | kwargs
+    with pytest.raises(ValueError, match=message):
+        causal_trace(lm, args.pop("prompt"), args.pop("noised"), **args)
+
+
+@pytest.mark.parametrize("seed", ["abc", 1.5, 2**70, None, True])
+def test_causal_trace_rejects_bad_seeds_clearly(tiny, seed):
+    """The seed is validated like samples and window (not int('abc') / an overflow message, or a
+    float silently truncated to another seed than the one recorded)."""
+    with pytest.raises(ValueError, match="seed"):
+        causal_trace(tiny("gpt2"), EIFFEL, NOISED, samples=1, seed=seed)
+
+
 def test_last_token_noised_is_flagged(tiny):
     lm = tiny("gpt2")
     n = len(lm.tokenizer(EIFFEL)["input_ids"])
@@ -145,6 +188,17 @@ def test_subject_positions(tiny):
     assert subject_positions(lm, EIFFEL, "Eiffel") == [1, 2]
     with pytest.raises(ValueError, match="does not occur"):
         subject_positions(lm, EIFFEL, "Louvre")
+
+
+def test_subject_positions_rejects_bad_input(tiny):
+    lm = tiny("gpt2")
+    for subject in ("", "   ", None):
+        with pytest.raises(ValueError, match="subject is empty"):
+            subject_positions(lm, EIFFEL, subject)
+    with pytest.raises(ValueError, match="'all' or 'last'"):
+        subject_positions(lm, EIFFEL, "Eiffel", which="middle")
+    with pytest.raises(ValueError, match="does not occur"):
+        subject_positions(lm, "", "Eiffel")
 
 
 def test_concurrent_traces_equal_serial(tiny):

@@ -1,4 +1,5 @@
-"""Charts of traces (tracing/charts.py) on hand-made traces: data, palettes, labels, transition."""
+"""Charts of traces (tracing/charts/trace.py) and the transition rule (tracing/analysis.py) on
+hand-made traces (tests/factory.py): data, palettes, labels, transition."""
 
 from __future__ import annotations
 
@@ -8,40 +9,10 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-from tracing import charts
-from tracing.causal import Trace
-
-TOKENS = ["The", " E", "iffel", " Tower", " is", " in"]
-
-
-def make_trace(kind: str = "hidden", noised=(1, 2, 3), n_layers: int = 6, noise: float = 0.4,
-               seed: int = 0, scores: np.ndarray | None = None, low: float = 0.05,
-               high: float = 0.7, contrast: str | None = None) -> Trace:
-    """A trace with known numbers: the noised token helps early, the final token late."""
-    n = len(TOKENS)
-    if scores is None:
-        rng = np.random.default_rng(seed)
-        scores = low + 0.01 * rng.random((n, n_layers))
-        scores[noised[-1], : n_layers // 2] = np.linspace(0.6, 0.3, n_layers // 2)
-        scores[-1, n_layers // 2:] = np.linspace(0.5, 0.65, n_layers - n_layers // 2)
-    metrics = {"prob": scores, "logprob": np.log(np.clip(scores, 1e-12, None)), "kl": (high - scores) * 2}
-    lows = {"prob": low, "logprob": float(np.log(low)), "kl": (high - low) * 2}
-    highs = {"prob": high, "logprob": float(np.log(high)), "kl": 0.0}
-    if contrast is not None:
-        metrics["logit_diff"] = scores * 10
-        lows["logit_diff"], highs["logit_diff"] = low * 10, high * 10
-    settings = {"kind": kind, "noise": noise, "samples": 3, "seed": seed, "target": None,
-                "window": 10, "corruption": "gaussian", "noise_mode": "absolute",
-                "replacement": None, "contrast": contrast, "convention": "input",
-                "noised": list(noised)}
-    return Trace(prompt="The Eiffel Tower is in", tokens=list(TOKENS), token_ids=list(range(n)),
-                 noised=list(noised), kind=kind, convention="input", window=10, target_id=42,
-                 target=" Paris", metrics=metrics, metric_low=lows, metric_high=highs,
-                 settings=settings, sigma=None, noise_std=noise,
-                 clean_top=[(" Paris", high), (" Rome", 0.1)],
-                 corrupted_top=[(" New", 0.2), (" Paris", low)], elapsed=1.5,
-                 model={"name": "tiny", "revision": "r1"})
-
+from factory import make_trace
+from tracing import analysis
+from tracing.charts import style
+from tracing.charts import trace as charts
 
 def spec_data(chart) -> list[dict]:
     """Every row of every dataset in a chart's Vega-Lite spec."""
@@ -97,13 +68,13 @@ def test_legend_title_tooltips_and_titles():
     norm = charts.heatmap(trace, "normalised").to_dict()
     assert {t["field"] for t in norm["encoding"]["tooltip"]} >= {"value", "prob"}
     assert "entering block l" in spec["encoding"]["x"]["title"]
-    mlp = make_trace("mlp")
+    mlp = make_trace(kind="mlp")
     assert "10 restored MLP layers" in charts.heatmap(mlp).to_dict()["encoding"]["x"]["title"]
 
 
 @pytest.mark.parametrize("kind,dark", [("hidden", "#3f007d"), ("mlp", "#00441b"), ("attn", "#67000d")])
 def test_rome_palettes_from_white_at_the_corrupted_value(kind, dark):
-    trace = make_trace(kind)
+    trace = make_trace(kind=kind)
     scale = charts.heatmap(trace).to_dict()["encoding"]["color"]["scale"]
     assert scale["range"][-1] == dark and scale["range"][0].startswith("#f")
     assert scale["domain"][0] == pytest.approx(trace.low)
@@ -116,29 +87,29 @@ def test_rome_palettes_from_white_at_the_corrupted_value(kind, dark):
 
 def test_transition_layer():
     trace = make_trace(noised=(2,), n_layers=8)
-    assert charts.transition_layer(trace) == 4
-    assert charts.transition_layer(trace, "normalised") == 4
-    assert charts.transition_layer(trace, "kl") == 4  # lower is better, same crossing
+    assert analysis.transition_layer(trace) == 4
+    assert analysis.transition_layer(trace, "normalised") == 4
+    assert analysis.transition_layer(trace, "kl") == 4  # lower is better, same crossing
     scores = np.full((6, 5), 0.1)
     scores[2] = [0.5, 0.5, 0.5, 0.5, 0.5]
     scores[-1] = [0.0, 0.6, 0.6, 0.4, 0.6]  # wins, loses, then wins for good
-    assert charts.transition_layer(make_trace(noised=(2,), scores=scores)) == 4
+    assert analysis.transition_layer(make_trace(noised=(2,), scores=scores)) == 4
     scores[-1, -1] = 0.2  # never wins at the last layer
-    assert charts.transition_layer(make_trace(noised=(2,), scores=scores)) is None
+    assert analysis.transition_layer(make_trace(noised=(2,), scores=scores)) is None
     scores[-1] = 0.9  # wins everywhere
-    assert charts.transition_layer(make_trace(noised=(2,), scores=scores)) == 0
-    assert charts.transition_layer(make_trace(noised=(2, 5), scores=scores)) is None
+    assert analysis.transition_layer(make_trace(noised=(2,), scores=scores)) == 0
+    assert analysis.transition_layer(make_trace(noised=(2, 5), scores=scores)) is None
 
 
-def test_strongest_noised_token_is_compared():
+def test_followed_noised_token_is_compared():
     scores = np.full((6, 4), 0.1)
     scores[1] = 0.2
     scores[3] = [0.6, 0.6, 0.2, 0.1]
     scores[-1] = [0.1, 0.1, 0.5, 0.6]
     trace = make_trace(noised=(1, 3), scores=scores)
-    assert charts.strongest_noised(trace) == 3
-    assert charts.transition_layer(trace) == 2
-    assert charts.transition_layer(trace, token=1) == 2
+    assert analysis.followed_token(trace) == 3
+    assert analysis.transition_layer(trace) == 2
+    assert analysis.transition_layer(trace, token=1) == 2
     frame = charts.compact_frame(trace)
     assert list(dict.fromkeys(frame["row"])) == ["other noised token", "noised token", "final token"]
     final = frame[frame["row"] == "final token"]
@@ -189,7 +160,7 @@ def test_noise_sweep_shares_one_colour_scale():
 
 
 def test_kinds_side_by_side_use_their_palettes():
-    traces = {k: make_trace(k) for k in ("hidden", "mlp", "attn")}
+    traces = {k: make_trace(kind=k) for k in ("hidden", "mlp", "attn")}
     spec = charts.kinds_side_by_side(traces).to_dict()
     ranges = [p["encoding"]["color"]["scale"]["range"][-1] for p in spec["hconcat"]]
     assert ranges == ["#3f007d", "#00441b", "#67000d"]
@@ -202,9 +173,9 @@ def test_kinds_side_by_side_use_their_palettes():
 def test_png_and_svg_exports_are_valid():
     trace = make_trace()
     for chart in (charts.heatmap(trace), charts.compact(trace), charts.noise_sweep({0.1: trace})):
-        png = charts.to_png(chart, scale=1)
+        png = style.to_png(chart, scale=1)
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
-        svg = charts.to_svg(chart)
+        svg = style.to_svg(chart)
         root = ET.parse(io.StringIO(svg)).getroot()
         assert root.tag.endswith("svg")
-    assert "Paris" in charts.to_svg(charts.heatmap(trace))
+    assert "Paris" in style.to_svg(charts.heatmap(trace))

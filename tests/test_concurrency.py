@@ -20,7 +20,7 @@ import tracing
 from tracing import attention as A
 from tracing import causal, hidden
 from tracing.causal import TraceCancelled, causal_trace
-from tracing.runner import Runner
+from tracing.model.runner import Runner
 
 EIFFEL = "The Eiffel Tower is located in the city of"
 OTHER = "The capital city of Wales is called"
@@ -345,7 +345,7 @@ def test_recorded_attention_in_one_thread_does_not_switch_others(tiny):
     for value in got["attention"]:
         np.testing.assert_array_equal(value, want_attention)
     assert added_hooks(lm, hooks) == {}
-    assert lm.model.config._attn_implementation == tracing.runner.ATTENTION_IMPLEMENTATION
+    assert lm.model.config._attn_implementation == tracing.model.runner.ATTENTION_IMPLEMENTATION
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,9 +10,12 @@ import pytest
 import torch
 
 from conftest import FAMILIES
-from tracing import hidden, hidden_charts
+from tracing import hidden
+from tracing.charts import hidden as hidden_charts
+from tracing.charts import style
 
 PROMPT = "The Eiffel Tower is in the city of"
+TOO_LONG = "word " * 400  # tiny models take 256 tokens
 
 
 def hooked_states(lm, prompt: str) -> np.ndarray:
@@ -133,7 +136,9 @@ def test_summarise_mean_and_spread_by_hand():
     assert combined.loc["regurgitation", "sem"] == pytest.approx(1.0)
     assert combined.loc["semantic", "mean"] == 12.0 and combined.loc["semantic", "n"] == 2
     separate = hidden.summarise(frame, combine_regurgitation=False).set_index("group")
-    assert separate.loc["non_english", "mean"] == 1.0 and separate.loc["non_english", "std"] == 0.0
+    # tracing.analysis.describe: one prompt has no spread (std and sem NaN, not 0)
+    assert separate.loc["non_english", "mean"] == 1.0 and math.isnan(separate.loc["non_english", "std"])
+    assert math.isnan(separate.loc["non_english", "sem"]) and separate.loc["non_english", "n"] == 1
     assert len(separate) == 3
 
 
@@ -251,8 +256,44 @@ def test_prompt_set_bad_prompt_names_its_row(tiny):
         hidden.prompt_set_trajectories(tiny("gpt2"), prompts)
 
 
+def test_hidden_state_functions_reject_bad_prompts(tiny):
+    lm = tiny("gpt2")
+    for prompt in (None, "", " \n "):
+        with pytest.raises(ValueError, match="empty"):
+            hidden.final_token_states(lm, prompt)
+        with pytest.raises(ValueError, match="empty"):
+            hidden.prompt_trajectory(lm, prompt)
+    with pytest.raises(ValueError, match="context|at most"):
+        hidden.logit_lens(lm, TOO_LONG)
+    with pytest.raises(ValueError, match="context|at most"):
+        hidden.prompt_trajectory(lm, TOO_LONG)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        hidden.logit_lens(lm, PROMPT, target=-1)
+    with pytest.raises(ValueError, match="Unknown measure"):
+        hidden.measure_layers("curvature", 3)
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        hidden.trajectory_measures(np.zeros((1, 4)))
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        hidden.trajectory_measures(np.zeros(4))
+
+
+@pytest.mark.parametrize("target", [1.5, True, ["a"]])
+def test_logit_lens_rejects_targets_of_the_wrong_type(tiny, target):
+    """1.5 is not 'The target completion is empty.' and True is not token id 1."""
+    with pytest.raises(ValueError, match="token id|string") as info:
+        hidden.logit_lens(tiny("gpt2"), PROMPT, target=target)
+    assert "empty" not in str(info.value)
+
+
+def test_prompt_set_trajectories_names_the_bad_row(tiny):
+    frame = pd.DataFrame({"category": ["semantic"] * 3, "prompt": ["fine", "also fine", TOO_LONG],
+                          "expected": ["", "", ""]})
+    with pytest.raises(ValueError, match="Prompt 3: .*(context|at most)"):
+        hidden.prompt_set_trajectories(tiny("gpt2"), frame)
+
+
 def test_show_token_makes_whitespace_visible():
-    show = hidden_charts.show_token
+    show = style.show_token
     assert show(" Paris") == "␣Paris" and show("\n") == "↵" and show("") == "∅"
     assert show("\xa0") == "\\xa0" and show("é") == "é"
 

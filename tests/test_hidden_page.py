@@ -23,8 +23,7 @@ pytestmark = pytest.mark.slow
 
 def open_page() -> AppTest:
     at = AppTest.from_file(APP, default_timeout=600)
-    at.run()
-    at.switch_page(PAGE)
+    at.switch_page(PAGE)  # a deep link: the trace page does not run first
     return at.run()
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tracing
-from tracing.runner import Runner
+from tracing.model.runner import Runner
 from conftest import FAMILIES
 
 EIFFEL = "The Eiffel Tower is located in the city of"
@@ -48,7 +48,7 @@ def test_recorded_attention_matches_eager(tiny):
     try:
         eager = lm.model(ids, output_attentions=True).attentions
     finally:
-        lm.model.config._attn_implementation = tracing.runner.ATTENTION_IMPLEMENTATION
+        lm.model.config._attn_implementation = tracing.model.runner.ATTENTION_IMPLEMENTATION
     for layer in range(lm.n_layers):
         torch.testing.assert_close(recorded[layer], eager[layer], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(recorded[layer].sum(-1), torch.ones_like(recorded[layer].sum(-1)))
@@ -76,7 +76,7 @@ def test_bad_names_fail_clearly(name, message):
 def test_hub_id_offline_fails_fast(monkeypatch, tmp_path):
     """No network: a clear 'seems offline' error within seconds, with a way forward."""
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    monkeypatch.setattr(tracing.models, "HUB_HOST", "huggingface.invalid")
+    monkeypatch.setattr(tracing.model.loading, "HUB_HOST", "huggingface.invalid")
     start = time.perf_counter()
     with pytest.raises(tracing.ModelLoadError, match="seems offline.*local"):
         tracing.load_model("gpt2-xl")

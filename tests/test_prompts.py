@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
+
 import pandas as pd
 import pytest
 
 from tracing.prompts import (
     CATEGORIES,
+    MAX_BYTES,
     MAX_PROMPTS,
     PromptSetError,
     check_prompt_set,
@@ -145,6 +148,53 @@ def test_load_accepts_bytes_and_file_objects(tmp_path):
     data = (HEADER + "semantic,The capital of France is, Paris,France,\n").encode()
     assert load_prompt_set(data).loc[0, "expected"] == " Paris"
     assert load_prompt_set(io.BytesIO(data)).loc[0, "subject"] == "France"
+
+
+# Other ways a prompt file can be wrong (four columns, no notes).
+FOUR = "category,prompt,expected,subject\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    (FOUR + 'semantic,"The Eiffel, Paris,x\n', "line 2: 2 fields"),  # an unclosed quote
+    (FOUR + "semantic,a b, c,a\n" + "semantic,a b, c\n" * 2, "line 3: 3 fields"),
+    ("Category , PROMPT,Expected,subject\nSemantic recall,a b, c,a\n", None),  # loose spellings are fine
+])
+def test_prompt_file_errors_name_the_file_and_line(text, message):
+    if message is None:
+        assert parse_prompt_set(text, source="mine.csv")["category"].tolist() == ["semantic"]
+        return
+    with pytest.raises(PromptSetError) as info:
+        parse_prompt_set(text, source="mine.csv")
+    assert str(info.value).startswith("mine.csv: ") and message in str(info.value), str(info.value)
+
+
+def test_many_problems_are_listed_with_a_count():
+    text = FOUR + "".join(f"bogus{i},a b, c,a\n" for i in range(25))
+    with pytest.raises(PromptSetError) as info:
+        parse_prompt_set(text)
+    assert len(info.value.errors) == 25
+    assert "line 2: unknown category 'bogus0'" in str(info.value) and "(and 5 more)" in str(info.value)
+    assert "bogus24" not in str(info.value)  # the message stays readable
+
+
+@pytest.mark.parametrize("source, message", [
+    (b"\xff\xfe" + FOUR.encode("utf-16-le"), "not UTF-8"),  # a UTF-16 export
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "not UTF-8"),  # a picture uploaded by mistake
+    (FOUR.encode() + b"x" * MAX_BYTES, "larger than"),
+])
+def test_unreadable_prompt_uploads(source, message):
+    for given in (source, io.BytesIO(source)):
+        with pytest.raises(PromptSetError, match=message):
+            load_prompt_set(given)
+
+
+def test_prompt_file_that_is_a_folder_or_too_large(tmp_path):
+    with pytest.raises(PromptSetError, match="no such file"):
+        load_prompt_set(tmp_path)
+    big = tmp_path / "big.csv"
+    big.write_bytes(FOUR.encode() + b"semantic,a b, c,a\n" * (MAX_BYTES // 10))
+    with pytest.raises(PromptSetError, match="larger than"):
+        load_prompt_set(big)
 
 
 def test_constraint_breaks_are_flagged_not_dropped():

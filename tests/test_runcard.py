@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -9,8 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from test_charts import TOKENS, make_trace
+from factory import TOKENS, make_trace
 from tracing import runcard
+from tracing.causal import causal_trace
 from tracing.runcard import RunCardError
 
 
@@ -183,6 +185,23 @@ def test_cards_from_another_model_or_revision_are_refused():
     with pytest.raises(RunCardError, match="revision 'r1'"):
         runcard.load_run_card(text, StubModel("tiny", "r2"))
     runcard.load_run_card(text, StubModel())  # the right one loads
+
+
+def test_run_cards_from_another_real_model_or_revision_are_refused(tiny):
+    made_on = tiny("gpt2")
+    trace = causal_trace(made_on, runcard.EXAMPLE_PROMPT, [1, 2, 3], samples=1)  # the page's default prompt
+    text = runcard.to_json(trace, "prob", made_on.facts(), runcard.parse_state({})[0])
+    loaded = runcard.load_run_card(text, made_on)
+    np.testing.assert_array_equal(loaded.trace.scores, trace.scores)
+    with pytest.raises(runcard.RunCardError, match="'tiny-gpt2'.*'tiny-llama' is loaded"):
+        runcard.load_run_card(text, tiny("llama"))
+    other_revision = dataclasses.replace(made_on, revision="0123abc")
+    with pytest.raises(runcard.RunCardError, match="revision"):
+        runcard.load_run_card(text, other_revision)
+    card = json.loads(text)
+    card["run_card"]["model"]["name"] = None
+    with pytest.raises(runcard.RunCardError, match="which model"):
+        runcard.load_run_card(json.dumps(card), made_on)
 
 
 def test_cards_with_bad_settings_or_numbers_are_refused():

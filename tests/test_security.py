@@ -467,7 +467,7 @@ def test_a_config_naming_a_pickle_file_is_refused_without_opt_in(tiny_folder, tm
 
 @pytest.mark.slow
 def test_the_converted_embedded_model_is_safetensors_and_json_only(embedded):
-    from tracing.models import _converted_gguf_folder, embedded_gguf_path
+    from tracing.model.loading import _converted_gguf_folder, embedded_gguf_path
 
     folder = _converted_gguf_folder(embedded_gguf_path())
     files = [p for p in folder.rglob("*") if p.is_file()]

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+import factory
 from tracing.causal import Trace
 from tracing.store import FORMAT_VERSION, ResultStore, canonical_settings, result_key
 
@@ -19,16 +20,16 @@ SETTINGS = {"kind": "hidden", "noise": 0.4, "samples": 10, "noised": [1]}
 
 
 def make_trace(seed: int = 0, n_tokens: int = 3, n_layers: int = 4) -> Trace:
+    """Random numbers from ``seed`` (so traces of different seeds differ in every cell)."""
     rng = np.random.default_rng(seed)
     prob = rng.random((n_tokens, n_layers))
-    return Trace(
-        prompt="The capital of", tokens=["The", " capital", " of"][:n_tokens], token_ids=[1, 2, 3][:n_tokens],
-        noised=[1], kind="hidden", convention="input", window=10, target_id=7, target=" France",
-        metrics={"prob": prob, "logprob": np.log(prob), "kl": rng.random((n_tokens, n_layers))},
-        metric_low={"prob": 0.1, "logprob": -2.3, "kl": 1.5}, metric_high={"prob": 0.8, "logprob": -0.2, "kl": 0.0},
-        settings=canonical_settings(SETTINGS), sigma=None, noise_std=0.4,
-        clean_top=[(" France", 0.8), (" the", 0.1)], corrupted_top=[(" the", 0.3)], elapsed=1.25,
-        model={"name": "m", "revision": "r1"},
+    return factory.make_trace(
+        prob, prompt="The capital of", tokens=["The", " capital", " of"][:n_tokens],
+        token_ids=[1, 2, 3][:n_tokens], noised=[1], target_id=7, target=" France",
+        metrics={"kl": rng.random((n_tokens, n_layers))}, low=0.1, high=0.8,
+        metric_low={"logprob": -2.3, "kl": 1.5}, metric_high={"logprob": -0.2},
+        settings=canonical_settings(SETTINGS), clean_top=[(" France", 0.8), (" the", 0.1)],
+        corrupted_top=[(" the", 0.3)], elapsed=1.25, model={"name": "m", "revision": "r1"},
     )
 
 
@@ -79,6 +80,15 @@ def test_bad_settings_rejected():
         result_key(LM, "p", {"kind": "hidden"})
     with pytest.raises(ValueError, match="finite"):
         key(noise=float("nan"))
+
+
+def test_canonical_settings_name_what_is_wrong():
+    with pytest.raises(ValueError, match="Unknown trace settings: colour"):
+        canonical_settings({"noised": [1], "colour": "red"})
+    with pytest.raises(ValueError, match="noised"):
+        canonical_settings({"samples": 2})
+    with pytest.raises(ValueError, match="finite"):
+        canonical_settings({"noised": [1], "noise": float("nan")})
 
 
 @pytest.mark.parametrize("bad", ["../" + "a" * 61, "A" * 64, "a" * 63, "g" * 64, "", None, "a" * 64 + "/"])

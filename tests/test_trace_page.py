@@ -1,14 +1,14 @@
 """AppTest of the single-prompt trace page (the app's default page) with the embedded model.
 
-Most tests use a short prompt and one noise sample; the seed is drawn once per test session, so
-the first test with a setting really traces it and later ones may reuse it (as the page does).
+Most tests use a short prompt, one noise sample and a fixed seed; every test gets its own empty
+result store (conftest), so a test traces what it asks for, and repeated settings within a test
+come from the session cache or the store (as on the page).
 """
 
 from __future__ import annotations
 
 import io
 import json
-import random
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -18,10 +18,12 @@ import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from tracing import charts, runcard
+from tracing import runcard
+from tracing.charts import trace as charts
+from tracing.charts.style import to_png, to_svg
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
-SEED = random.randrange(1000, 10**6)
+SEED = 1234
 SHORT = {"prompt": "The Eiffel Tower is in", "subject": "Eiffel Tower", "samples": "1",
          "seed": str(SEED)}
 
@@ -186,8 +188,8 @@ def test_exports_and_loading_a_run_card_back():
     assert {"trace_heatmap-png", "trace_heatmap-svg", "trace_heatmap-csv", "trace_json_hidden",
             "trace_csv_hidden", "trace_compact_hidden-png"} <= keys
     # the exported files are valid and carry the trace's numbers
-    assert charts.to_png(charts.heatmap(trace))[:8] == b"\x89PNG\r\n\x1a\n"
-    ET.fromstring(charts.to_svg(charts.compact(trace)))
+    assert to_png(charts.heatmap(trace))[:8] == b"\x89PNG\r\n\x1a\n"
+    ET.fromstring(to_svg(charts.compact(trace)))
     frame = pd.read_csv(io.StringIO(runcard.to_csv(trace)))
     assert frame["prob"].tolist() == trace.scores.ravel().tolist()
     state = at.session_state["trace_state"]

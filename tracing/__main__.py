@@ -15,19 +15,26 @@ import sys
 import time
 from pathlib import Path
 
+from .causal import ROW_CHOICES
+from .settings import CONVENTIONS, CORRUPTIONS, DEFAULTS, KINDS, NOISE_MODES, TraceSettings
+
 
 def _batch_parser(sub) -> None:
     p = sub.add_parser("batch", help="trace every prompt of a set into the result store")
     p.add_argument("--model", default=None, help="model name (default: the embedded model)")
     p.add_argument("--prompts", default=None, help="prompt-set CSV (default: prompts/default.csv)")
-    p.add_argument("--kind", default="hidden", choices=["hidden", "mlp", "attn"])
-    p.add_argument("--noise", type=float, default=0.4, help="noise level (absolute std, or x sigma)")
-    p.add_argument("--noise-mode", default="absolute", choices=["absolute", "sigma"])
-    p.add_argument("--corruption", default="gaussian", choices=["gaussian", "uniform"])
-    p.add_argument("--samples", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--window", type=int, default=10, help="mlp/attn window")
-    p.add_argument("--convention", default="input", choices=["input", "output"])
+    p.add_argument("--kind", default=DEFAULTS.kind, choices=KINDS)
+    p.add_argument("--noise", type=float, default=DEFAULTS.noise, help="noise level (absolute std, or x sigma)")
+    p.add_argument("--noise-mode", default=DEFAULTS.noise_mode, choices=NOISE_MODES)
+    # token replacement needs a second prompt per row: not offered for prompt sets
+    p.add_argument("--corruption", default=DEFAULTS.corruption, choices=[c for c in CORRUPTIONS if c != "replace"])
+    p.add_argument("--samples", type=int, default=DEFAULTS.samples)
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    p.add_argument("--window", type=int, default=DEFAULTS.window, help="mlp/attn window")
+    p.add_argument("--convention", default=DEFAULTS.convention, choices=CONVENTIONS)
+    p.add_argument("--rows", default="all", choices=ROW_CHOICES,
+                   help="token rows to compute: every token, or only the noised and final tokens "
+                        "(all the category averages use; much cheaper on long prompts)")
     p.add_argument("--target", default="expected", choices=["expected", "top1"],
                    help="trace p(expected first token) or p(clean top-1 token)")
     p.add_argument("--category", action="append", help="only these categories (repeatable)")
@@ -62,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(name: str | None, device: str | None = None, dtype: str | None = None):
-    from .models import DEFAULT_MODEL, load_model
+    from .model.loading import DEFAULT_MODEL, load_model
 
     lm = load_model(name or DEFAULT_MODEL, device=device, dtype=dtype)
     print(f"model {lm.name} ({lm.n_layers} layers) on {lm.device}, {lm.dtype}", file=sys.stderr)
@@ -80,18 +87,16 @@ def _select(frame, categories: list[str] | None, limit: int | None):
 
 def run_batch_command(args: argparse.Namespace) -> int:
     """``batch``: trace the set, print progress and a summary, optionally write CSVs."""
-    from .batch import category_averages, category_summary, prompt_table, run_batch
+    from .batch import category_averages, category_summary, plan_batch, prompt_table, run_batch
     from .prompts import load_prompt_set
     from .store import ResultStore
 
     frame = _select(load_prompt_set(args.prompts), args.category, args.limit)
     lm = _load(args.model, args.device, args.dtype)
     store = ResultStore(args.store)
-    settings = {
-        "kind": args.kind, "noise": args.noise, "noise_mode": args.noise_mode, "samples": args.samples,
-        "seed": args.seed, "window": args.window, "convention": args.convention,
-        "corruption": args.corruption,
-    }
+    settings = TraceSettings(kind=args.kind, noise=args.noise, noise_mode=args.noise_mode,
+                             samples=args.samples, seed=args.seed, window=args.window,
+                             convention=args.convention, corruption=args.corruption)
 
     def progress(done: int, total: int, result) -> None:
         if not args.quiet:
@@ -99,8 +104,10 @@ def run_batch_command(args: argparse.Namespace) -> int:
             note = f" ({result.message})" if result.message else ""
             print(f"[{done}/{total}] {result.status:9} {result.prompt!r}{extra}{note}", file=sys.stderr)
 
+    if not args.quiet:
+        print(_estimate_text(lm, plan_batch(lm, frame, settings, store, args.target, args.rows)), file=sys.stderr)
     try:
-        batch = run_batch(lm, frame, settings, store, target=args.target, progress=progress)
+        batch = run_batch(lm, frame, settings, store, target=args.target, progress=progress, rows=args.rows)
     except KeyboardInterrupt:
         print("interrupted: finished prompts are stored; run again to resume", file=sys.stderr)
         return 130
@@ -112,6 +119,22 @@ def run_batch_command(args: argparse.Namespace) -> int:
     if args.averages:
         category_averages(batch.results, **options).to_csv(args.averages, index=False)
     return 0
+
+
+def _estimate_text(lm, plan) -> str:
+    """One line: what the pending prompts of a batch will cost (``causal.estimate_trace``)."""
+    from .causal import estimate_trace
+
+    pending = [r for r in plan if r.status == "pending"]
+    cells = seconds = 0.0
+    for result in pending:
+        settings = dict(result.settings)
+        estimate = estimate_trace(lm, result.prompt, settings.pop("noised"), rows=settings.pop("rows", None),
+                                  **settings)
+        cells, seconds = cells + estimate.cells, seconds + estimate.seconds
+    stored = sum(r.status == "stored" for r in plan)
+    return (f"estimate: {len(pending)} prompts to trace ({stored} already stored), {int(cells)} restorations, "
+            f"about {seconds:.0f} s on {lm.device}")
 
 
 def run_prompts_command(args: argparse.Namespace) -> int:

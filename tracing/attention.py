@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .runner import Runner, record_attention
-from .tokens import tokenize
+from .analysis import describe
+from .categories import ordered
+from .model.runner import Runner, record_attention
+from .model.tokens import resolve_positions, tokenize
+
+if TYPE_CHECKING:
+    from .model import LoadedModel
 
 TARGETS = ("first", "noised", "final")
 TARGET_LABELS = {"first": "first token", "noised": "noised token", "final": "final token"}
@@ -29,35 +34,7 @@ AttendFn = Callable[..., np.ndarray]
 # Inputs
 
 
-def prompt_ids(lm, prompt: str) -> list[int]:
-    """Token ids of a prompt as the tracer tokenizes it; ValueError if empty or too long."""
-    return tokenize(lm, prompt)
-
-
-def token_labels(lm, ids: Sequence[int]) -> list[str]:
-    """Unique, readable axis labels: ``"3 ␣Tower"`` (index, then the token with visible spaces)."""
-    def show(token: str) -> str:
-        return token.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥") or "∅"
-
-    return [f"{i} {show(lm.tokenizer.decode([int(t)]))}" for i, t in enumerate(ids)]
-
-
-def resolve_positions(positions: Sequence[int], n_tokens: int) -> list[int]:
-    """Absolute key positions; negative ones count from the end (-1 = final token)."""
-    if len(positions) == 0:
-        raise ValueError("No token positions given: pick at least one.")
-    out = []
-    for p in positions:
-        if isinstance(p, bool) or not isinstance(p, (int, np.integer)):
-            raise ValueError(f"Token positions must be integers, not {p!r}.")
-        q = int(p) + n_tokens if p < 0 else int(p)
-        if not 0 <= q < n_tokens:
-            raise ValueError(f"Token position {int(p)} is out of range: the prompt has {n_tokens} tokens.")
-        out.append(q)
-    return out
-
-
-def _forward(lm, ids: torch.Tensor, stop: int | None = None) -> None:
+def _forward(lm: "LoadedModel", ids: torch.Tensor, stop: int | None = None) -> None:
     """Run blocks 0..stop-1 on ids [batch, tokens] (the caller records attention)."""
     runner = Runner(lm)
     ids = ids.to(lm.device)
@@ -76,12 +53,12 @@ def _check_seen(seen: set[int], expected: range) -> None:
 # One prompt
 
 
-def attention_to(lm, prompt: str, positions: Sequence[int]) -> np.ndarray:
+def attention_to(lm: "LoadedModel", prompt: str, positions: Sequence[int]) -> np.ndarray:
     """Attention from the final token to key ``positions``: float32 [n_layers, n_heads, len(positions)].
 
     Un-noised prompt; negative positions count from the end (-1 is the final token itself).
     """
-    ids = prompt_ids(lm, prompt)
+    ids = tokenize(lm, prompt)
     keys = resolve_positions(positions, len(ids))
     out = np.zeros((lm.n_layers, lm.n_heads, len(keys)), dtype=np.float32)
     seen: set[int] = set()
@@ -98,12 +75,12 @@ def attention_to(lm, prompt: str, positions: Sequence[int]) -> np.ndarray:
     return out
 
 
-def attention_pattern(lm, prompt: str, layer: int) -> np.ndarray:
+def attention_pattern(lm: "LoadedModel", prompt: str, layer: int) -> np.ndarray:
     """The full causal attention pattern of one layer: float32 [n_heads, queries, keys].
 
     Runs only blocks 0..layer. Row q holds what token q attends to (zeros after q).
     """
-    ids = prompt_ids(lm, prompt)
+    ids = tokenize(lm, prompt)
     if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= int(layer) < lm.n_layers:
         raise ValueError(f"Layer {layer} is out of range: the model has {lm.n_layers} layers (0..{lm.n_layers - 1}).")
     kept: dict[int, np.ndarray] = {}
@@ -145,21 +122,18 @@ class PromptSetAttention:
     @property
     def categories(self) -> list[str]:
         """Categories present, in the shipped order first."""
-        from .prompts import CATEGORIES
-
-        present = list(dict.fromkeys(self.table["category"]))
-        return [c for c in CATEGORIES if c in present] + [c for c in present if c not in CATEGORIES]
+        return ordered(self.table["category"])
 
 
-def _noised_for(lm, row: dict) -> list[int]:
+def _noised_for(lm: "LoadedModel", row: dict) -> list[int]:
     from .prompts import resolve_noised
 
     return resolve_noised(lm, row["prompt"], row.get("subject", ""), row.get("noised"))
 
 
-def _measure(lm, row: dict, attend: AttendFn) -> tuple[np.ndarray, list[int], int]:
+def _measure(lm: "LoadedModel", row: dict, attend: AttendFn) -> tuple[np.ndarray, list[int], int]:
     """[L, H, 3] for one prompt row, its noised positions and its token count."""
-    n_tokens = len(prompt_ids(lm, row["prompt"]))
+    n_tokens = len(tokenize(lm, row["prompt"]))
     noised = _noised_for(lm, row)
     weights = np.asarray(attend(lm, row["prompt"], tuple([0, *noised, n_tokens - 1])))
     first, final = weights[..., 0], weights[..., -1]
@@ -168,7 +142,7 @@ def _measure(lm, row: dict, attend: AttendFn) -> tuple[np.ndarray, list[int], in
 
 
 def prompt_set_attention(
-    lm,
+    lm: "LoadedModel",
     prompts: pd.DataFrame | None = None,
     progress: Progress | None = None,
     attend: AttendFn = attention_to,
@@ -229,7 +203,7 @@ def _target_index(target: str) -> int:
 def layer_summary(result: PromptSetAttention) -> pd.DataFrame:
     """Per category, target and layer: head-averaged attention, statistics over prompts.
 
-    Columns ``category, target, layer, mean, std, sem, q25, q75, n`` (std with ddof=0).
+    Columns ``category, target, layer, mean, std, sem, q25, q75, n`` (``analysis.describe``).
     """
     per_prompt = result.weights.mean(axis=2)  # [P, L, 3]
     rows = []
@@ -246,16 +220,10 @@ def layer_summary(result: PromptSetAttention) -> pd.DataFrame:
 
 
 def _stats(v: np.ndarray) -> dict[str, np.ndarray]:
-    """Mean, std, standard error and quartiles over axis 0."""
-    n = len(v)
-    std = v.std(axis=0)
-    return {
-        "mean": v.mean(axis=0),
-        "std": std,
-        "sem": std / np.sqrt(max(n - 1, 1)),
-        "q25": np.quantile(v, 0.25, axis=0),
-        "q75": np.quantile(v, 0.75, axis=0),
-    }
+    """``describe`` (mean, std, sem) and the quartiles over axis 0."""
+    stats = describe(v)
+    return {"mean": stats["mean"], "std": stats["std"], "sem": stats["sem"],
+            "q25": np.quantile(v, 0.25, axis=0), "q75": np.quantile(v, 0.75, axis=0)}
 
 
 def head_summary(result: PromptSetAttention, target: str) -> pd.DataFrame:
@@ -264,7 +232,8 @@ def head_summary(result: PromptSetAttention, target: str) -> pd.DataFrame:
     rows = []
     for category in result.categories:
         values = result.weights[(result.table["category"] == category).to_numpy(), :, :, t]
-        mean, std = values.mean(axis=0), values.std(axis=0)
+        stats = describe(values)
+        mean, std = stats["mean"], stats["std"]
         for layer in range(result.n_layers):
             for head in range(result.n_heads):
                 rows.append({"category": category, "target": target, "layer": layer, "head": head,
@@ -315,7 +284,7 @@ def long_frame(result: PromptSetAttention) -> pd.DataFrame:
 # Long texts: attention the i-th token pays to the first token
 
 
-def text_ids(lm, text: str) -> np.ndarray:
+def text_ids(lm: "LoadedModel", text: str) -> np.ndarray:
     """All token ids of a text (no special tokens added)."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError("The text is empty.")
@@ -335,7 +304,7 @@ def sample_windows(ids: np.ndarray, n_samples: int, length: int, seed: int = 0) 
     return np.sort(rng.choice(n_starts, size=n_samples, replace=n_samples > n_starts))
 
 
-def first_token_attention(lm, window: Sequence[int]) -> np.ndarray:
+def first_token_attention(lm: "LoadedModel", window: Sequence[int]) -> np.ndarray:
     """Attention every token of ``window`` pays to its first token: float32 [n_layers, n_heads, tokens].
 
     Memory-bounded: the recorder keeps only column 0 of each layer's weights.
@@ -386,7 +355,7 @@ class LongTextAttention:
 
 
 def long_text_attention(
-    lm,
+    lm: "LoadedModel",
     text: str,
     n_samples: int = 40,
     length: int = 800,

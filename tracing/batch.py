@@ -10,23 +10,29 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pandas as pd
 
-from .causal import handover_layer
-from .prompts import CATEGORIES, REGURGITATION, expected_token_id, resolve_noised
+from .analysis import describe, followed_token, transition_layer
+from .categories import group_label, group_of, ordered
+from .causal import Trace, TraceCancelled, causal_trace, resolve_rows
+from .model.tokens import tokenize
+from .prompts import expected_token_id, resolve_noised
+from .settings import TraceSettings
 from .store import ResultStore, canonical_settings
 
-COMBINED = "regurgitation"
-GROUP_LABELS = {**CATEGORIES, COMBINED: "Regurgitation (combined)"}
+if TYPE_CHECKING:
+    from .model import LoadedModel
+
 ROWS = ("noised token", "final token")
 MIN_EFFECT = 0.05  # prompts whose clean - corrupted p is below this are left out of averages
 TARGETS = ("expected", "top1")
 
 BatchProgress = Callable[[int, int, "PromptResult"], "bool | None"]
 CellProgress = Callable[[int, int], "bool | None"]
+TraceFunction = Callable[..., Trace]
 
 
 @dataclass
@@ -61,23 +67,25 @@ class BatchResult:
         return [r for r in self.results if r.trace is not None]
 
 
-def trace_settings(settings: dict[str, Any] | None) -> dict[str, Any]:
-    """Batch-wide trace settings (every setting but the per-prompt ``noised`` and ``target``)."""
-    settings = dict(settings or {})
+def trace_settings(settings: TraceSettings | dict[str, Any] | None) -> dict[str, Any]:
+    """Batch-wide trace settings: every ``TraceSettings`` field but the per-prompt ``target``
+    (``noised`` is per prompt too and dropped if given)."""
+    values = settings.to_dict() if isinstance(settings, TraceSettings) else dict(settings or {})
     for name in ("noised", "target"):
-        settings.pop(name, None)
-    canonical = canonical_settings({**settings, "noised": [0]})
-    return {k: v for k, v in canonical.items() if k not in ("noised", "target")}
+        values.pop(name, None)
+    return {k: v for k, v in TraceSettings.from_dict(values).to_dict().items() if k != "target"}
 
 
-def _prepare(lm, row: pd.Series, index: Any, settings: dict[str, Any], target: str, store: ResultStore):
+def _prepare(lm: "LoadedModel", row: pd.Series, index: Any, settings: dict[str, Any], target: str,
+             store: ResultStore, rows: str = "all"):
     """(PromptResult, full settings or None) for one prompt-set row; looks the key up in the store."""
     result = PromptResult(index, str(row["category"]), str(row["prompt"]), str(row["expected"]),
                           str(row.get("subject", "") or ""))
     try:
         noised = resolve_noised(lm, result.prompt, result.subject, row.get("noised"))
         target_id = expected_token_id(lm, result.prompt, result.expected) if target == "expected" else None
-        full = canonical_settings({**settings, "noised": noised, "target": target_id})
+        computed = resolve_rows(rows, noised, len(tokenize(lm, result.prompt)))
+        full = canonical_settings({**settings, "noised": noised, "target": target_id, "rows": computed})
     except ValueError as exc:
         result.status, result.message = "skipped", str(exc)
         return result, None
@@ -85,15 +93,16 @@ def _prepare(lm, row: pd.Series, index: Any, settings: dict[str, Any], target: s
     return result, full
 
 
-def plan_batch(lm, prompts: pd.DataFrame, settings: dict[str, Any] | None = None,
-               store: ResultStore | None = None, target: str = "expected") -> list[PromptResult]:
+def plan_batch(lm: "LoadedModel", prompts: pd.DataFrame, settings: TraceSettings | dict[str, Any] | None = None,
+               store: ResultStore | None = None, target: str = "expected", rows: str = "all") -> list[PromptResult]:
     """Every prompt's key and status without computing: ``stored`` (with its trace), ``pending``
-    or ``skipped`` (with the reason)."""
+    or ``skipped`` (with the reason). ``rows="noised_final"`` computes only the rows the category
+    analysis uses (``causal.resolve_rows``)."""
     store = store or ResultStore()
     settings, target = trace_settings(settings), _check_target(target)
     out = []
     for index, row in prompts.iterrows():
-        result, full = _prepare(lm, row, index, settings, target, store)
+        result, full = _prepare(lm, row, index, settings, target, store, rows)
         if full is not None:
             result.trace = store.get(result.key)
             result.status = "stored" if result.trace is not None else "pending"
@@ -108,15 +117,17 @@ def _check_target(target: str) -> str:
 
 
 def run_batch(
-    lm,
+    lm: "LoadedModel",
     prompts: pd.DataFrame,
-    settings: dict[str, Any] | None = None,
+    settings: TraceSettings | dict[str, Any] | None = None,
     store: ResultStore | None = None,
     *,
     target: str = "expected",
     progress: BatchProgress | None = None,
     prompt_progress: CellProgress | None = None,
     should_stop: Callable[[], bool] | None = None,
+    trace: TraceFunction = causal_trace,
+    rows: str = "all",
 ) -> BatchResult:
     """Trace every prompt of ``prompts`` (a prompt-set DataFrame) with one set of ``settings``.
 
@@ -124,14 +135,13 @@ def run_batch(
     top-1 token. Stored traces are reused and new ones stored. ``progress(done, total, result)``
     is called after each prompt and ``prompt_progress(done, total)`` within one; either returning
     False, or ``should_stop()`` returning True, cancels (finished prompts stay stored).
+    ``trace`` computes one trace (``causal_trace``'s signature; tests inject a stand-in).
     """
-    from .causal import TraceCancelled, causal_trace
-
     started = time.perf_counter()
     store = store or ResultStore()
-    plan = plan_batch(lm, prompts, settings, store, target)
+    plan = plan_batch(lm, prompts, settings, store, target, rows)
     stop = should_stop or (lambda: False)
-    batch = BatchResult(plan, {**trace_settings(settings), "target": target})
+    batch = BatchResult(plan, {**trace_settings(settings), "target": target, "rows": rows})
 
     def cells(done: int, total: int) -> bool:
         if stop():
@@ -144,7 +154,7 @@ def run_batch(
                 batch.cancelled = True
                 break
             try:
-                _compute(lm, result, store, cells, causal_trace)
+                _compute(lm, result, store, cells, trace)
             except TraceCancelled:
                 result.status, result.message = "cancelled", "cancelled"
                 batch.cancelled = True
@@ -157,16 +167,16 @@ def run_batch(
     return batch
 
 
-def _compute(lm, result: PromptResult, store: ResultStore, cells: CellProgress, causal_trace) -> None:
+def _compute(lm: "LoadedModel", result: PromptResult, store: ResultStore, cells: CellProgress, trace: TraceFunction) -> None:
     """Trace one pending prompt and store it; ValueErrors mark it failed."""
     started = time.perf_counter()
     try:
-        trace = causal_trace(lm, result.prompt, progress=cells, **result.settings)
+        traced = trace(lm, result.prompt, progress=cells, **result.settings)
     except ValueError as exc:
         result.status, result.message = "failed", str(exc)
         return
-    store.put(result.key, trace)
-    result.trace, result.status = trace, "computed"
+    store.put(result.key, traced)
+    result.trace, result.status = traced, "computed"
     result.seconds = time.perf_counter() - started
 
 
@@ -174,24 +184,7 @@ def _compute(lm, result: PromptResult, store: ResultStore, cells: CellProgress, 
 # Analysis
 
 
-def group_of(category: str, combine_regurgitation: bool = False) -> str:
-    """The averaging group of a category (the two regurgitation ones merge when combined)."""
-    if combine_regurgitation and category in REGURGITATION:
-        return COMBINED
-    return category
-
-
-def group_label(group: str) -> str:
-    """Display name of an averaging group."""
-    return GROUP_LABELS.get(group, group)
-
-
-def noised_index(trace) -> int:
-    """The noised token the analysis follows: the last noised position."""
-    return int(max(trace.noised))
-
-
-def normalised_rows(trace) -> tuple[np.ndarray, np.ndarray]:
+def normalised_rows(trace: Trace) -> tuple[np.ndarray, np.ndarray]:
     """(noised-token row, final-token row) of (p - low) / (high - low); NaN when high == low."""
     scores = np.asarray(trace.scores, dtype=np.float64)
     span = float(trace.high) - float(trace.low)
@@ -199,17 +192,10 @@ def normalised_rows(trace) -> tuple[np.ndarray, np.ndarray]:
         nan = np.full(scores.shape[1], np.nan)
         return nan, nan.copy()
     norm = (scores - float(trace.low)) / span
-    return norm[noised_index(trace)], norm[len(trace.tokens) - 1]
+    return norm[followed_token(trace)], norm[len(trace.tokens) - 1]
 
 
-def transition_layer(trace) -> int | None:
-    """``handover_layer`` of the raw p rows: first layer from which restoring the final token beats
-    restoring the noised token at every later layer (the trace page's definition too)."""
-    scores = np.asarray(trace.scores)
-    return handover_layer(scores[noised_index(trace)], scores[len(trace.tokens) - 1])
-
-
-def is_correct(trace) -> bool:
+def is_correct(trace: Trace) -> bool:
     """Whether the clean top-1 token is the traced target."""
     top_token, top_prob = trace.clean_top[0]
     return top_token == trace.target and abs(float(top_prob) - float(trace.high)) < 1e-6
@@ -223,7 +209,7 @@ def prompt_table(results: list[PromptResult]) -> pd.DataFrame:
                "message": r.message}
         if r.trace is not None:
             t = r.trace
-            noised, final = noised_index(t), len(t.tokens) - 1
+            noised, final = followed_token(t), len(t.tokens) - 1
             layer = transition_layer(t)
             row.update(
                 target=t.target, noised_token=t.tokens[noised], noised_index=noised, final_index=final,
@@ -244,7 +230,7 @@ TABLE_COLUMNS = [
 AVERAGE_COLUMNS = ["group", "label", "row", "layer", "mean", "std", "sem", "n"]
 
 
-def effect(trace) -> float:
+def effect(trace: Trace) -> float:
     """How much noising lowers p(target): clean p minus corrupted p."""
     return float(trace.high) - float(trace.low)
 
@@ -274,25 +260,19 @@ def category_averages(results: list[PromptResult], correct_only: bool = False,
         group[ROWS[1]].append(final)
     frames = [
         _average_frame(group, row, np.vstack(arrays))
-        for group, by_row in _ordered(stacks).items()
+        for group in ordered(stacks)
+        for by_row in [stacks[group]]
         for row, arrays in by_row.items()
     ]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=AVERAGE_COLUMNS)
 
 
-def _ordered(stacks: dict[str, Any]) -> dict[str, Any]:
-    order = [*REGURGITATION, COMBINED, *(c for c in CATEGORIES if c not in REGURGITATION)]
-    return dict(sorted(stacks.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else 99, kv[0])))
-
-
 def _average_frame(group: str, row: str, values: np.ndarray) -> pd.DataFrame:
     """Mean, sample std, standard error and count over prompts (axis 0) of [prompts, layers]."""
-    n = values.shape[0]
-    mean = values.mean(axis=0)
-    std = values.std(axis=0, ddof=1) if n > 1 else np.full(values.shape[1], np.nan)
+    stats = describe(values)
     return pd.DataFrame({
         "group": group, "label": group_label(group), "row": row, "layer": np.arange(values.shape[1]),
-        "mean": mean, "std": std, "sem": std / np.sqrt(n), "n": n,
+        "mean": stats["mean"], "std": stats["std"], "sem": stats["sem"], "n": values.shape[0],
     })
 
 
@@ -313,5 +293,4 @@ def category_summary(results: list[PromptResult], correct_only: bool = False,
         token_distance=("token_distance", "mean"),
     ).reset_index()
     summary.insert(1, "label", [group_label(g) for g in summary["group"]])
-    order = list(_ordered({g: None for g in summary["group"]}))
-    return summary.set_index("group").loc[order].reset_index()
+    return summary.set_index("group").loc[ordered(summary["group"])].reset_index()

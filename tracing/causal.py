@@ -26,36 +26,40 @@ not computed at all.
 from __future__ import annotations
 
 import itertools
-import math
 import threading
 import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from .hooks import edit_outputs
-from .runner import KVPrefix, KVRecorder, Runner
-from .tokens import answer_token, subject_positions, token_strings, tokenize
+from .model.hooks import edit_outputs
+from .model.runner import KVPrefix, KVRecorder, Runner
+from .model.tokens import answer_token, resolve_positions, token_strings, tokenize
+from .settings import METRICS, UNSET, TraceSettings, metric_info
 
-KINDS = ("hidden", "mlp", "attn")
-CORRUPTIONS = ("gaussian", "uniform", "replace")
-NOISE_MODES = ("absolute", "sigma")
-CONVENTIONS = ("input", "output")
-METRICS = ("prob", "normalised", "logprob", "logit_diff", "kl")
-METRIC_LABELS = {
-    "prob": "probability",
-    "normalised": "normalised probability",
-    "logprob": "log-probability",
-    "logit_diff": "logit difference",
-    "kl": "KL divergence from clean",
-}
+if TYPE_CHECKING:
+    from .model import LoadedModel
+
 TOKEN_ROWS_PER_BATCH = 4096  # rows x positions per forward; bounds peak memory
 
 Progress = Callable[[int, int], "bool | None"]
+
+
+@dataclass(frozen=True)
+class RowBlock:
+    """Cells of one token row finished together: ``values[metric][i]`` is the cell at
+    (``token``, ``layers[i]``) of the final trace."""
+
+    token: int
+    layers: tuple[int, ...]
+    values: dict[str, np.ndarray]
+
+
+RowsCallback = Callable[[RowBlock], None]
 
 
 class TraceCancelled(Exception):
@@ -85,6 +89,7 @@ class Trace:
     corrupted_top: list[tuple[str, float]]
     elapsed: float = 0.0
     model: dict[str, Any] = field(default_factory=dict)
+    approximate: bool = False  # True for a first-order preview (tracing.preview), not an exact trace
 
     @property
     def scores(self) -> np.ndarray:
@@ -98,6 +103,11 @@ class Trace:
     @property
     def high(self) -> float:
         return self.metric_high["prob"]
+
+    @property
+    def trace_settings(self) -> TraceSettings:
+        """The settings this trace was made with."""
+        return TraceSettings.from_dict(self.settings)
 
     @property
     def last_token_noised(self) -> bool:
@@ -119,9 +129,9 @@ class Trace:
         if name == "normalised":
             return self.normalised()
         if name not in self.metrics:
-            if name == "logit_diff":
-                raise ValueError("The logit difference needs a second answer (contrast).")
-            raise ValueError(f"Unknown metric '{name}'. Known: {', '.join(METRICS)}.")
+            if metric_info(name).needs_contrast:
+                raise ValueError(f"The {METRICS[name].label} needs a second answer (contrast).")
+            raise ValueError(f"Metric '{name}' is missing from this trace.")
         return self.metrics[name]
 
     def metric_bounds(self, name: str) -> tuple[float, float]:
@@ -138,7 +148,7 @@ class Trace:
             for key in (
                 "prompt", "tokens", "token_ids", "noised", "kind", "convention", "window",
                 "target_id", "target", "metric_low", "metric_high", "settings", "sigma",
-                "noise_std", "elapsed", "model",
+                "noise_std", "elapsed", "model", "approximate",
             )
         }
         meta["clean_top"] = [list(x) for x in self.clean_top]
@@ -152,20 +162,8 @@ class Trace:
         fields = dict(meta)
         fields["clean_top"] = [tuple(x) for x in meta["clean_top"]]
         fields["corrupted_top"] = [tuple(x) for x in meta["corrupted_top"]]
+        fields["approximate"] = bool(meta.get("approximate", False))
         return cls(metrics=metrics, **fields)
-
-
-def handover_layer(noised_row: Sequence[float], final_row: Sequence[float],
-                   lower_is_better: bool = False) -> int | None:
-    """First layer from which restoring the final token beats restoring the noised token at every
-    later layer (the seed study's "transition"); None when the final token does not win at the
-    last layer. Both rows are one value per layer of the same metric."""
-    noised, final = np.asarray(noised_row, dtype=np.float64), np.asarray(final_row, dtype=np.float64)
-    beats = final < noised if lower_is_better else final > noised
-    if not len(beats) or not beats[-1]:
-        return None
-    losing = np.flatnonzero(~beats)
-    return int(losing[-1] + 1) if len(losing) else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,30 +181,6 @@ def _check_noised(noised: Sequence[int], n_tokens: int) -> list[int]:
             raise ValueError(f"Token index {i} is out of range: the prompt has {n_tokens} tokens (0..{n_tokens - 1}).")
         out.append(int(i))
     return sorted(set(out))
-
-
-def _check_settings(kind, noise, samples, window, corruption, noise_mode, convention, seed=0) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"Unknown kind '{kind}'. Use one of: {', '.join(KINDS)}.")
-    if corruption not in CORRUPTIONS:
-        raise ValueError(f"Unknown corruption '{corruption}'. Use one of: {', '.join(CORRUPTIONS)}.")
-    if noise_mode not in NOISE_MODES:
-        raise ValueError(f"Unknown noise mode '{noise_mode}'. Use one of: {', '.join(NOISE_MODES)}.")
-    if convention not in CONVENTIONS:
-        raise ValueError(f"Unknown layer convention '{convention}'. Use 'input' or 'output'.")
-    if corruption != "replace":
-        try:
-            ok = math.isfinite(float(noise)) and float(noise) >= 0
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise ValueError(f"The noise level must be a finite number >= 0, not {noise!r}.")
-    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
-        raise ValueError(f"samples must be an integer >= 1, not {samples!r}.")
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
-        raise ValueError(f"window must be an integer >= 1, not {window!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**63:
-        raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, not {seed!r}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,6 +203,7 @@ class CorruptedRun:
     first_changed: int  # first position whose corrupted input differs from the clean one
     sigma: float | None
     noise_std: float
+    seconds: float = 0.0  # time its forward took (calibrates cost estimates)
 
 
 class _LRU:
@@ -281,7 +256,7 @@ def _forward_collect(runner: Runner, hidden: torch.Tensor, cache=None) -> tuple[
     return states, runner.logits(out[:, -1])
 
 
-def clean_run(lm, ids: Sequence[int]) -> CleanRun:
+def clean_run(lm: "LoadedModel", ids: Sequence[int]) -> CleanRun:
     """States, MLP and attention outputs and logits of the clean prompt (cached)."""
 
     def make() -> CleanRun:
@@ -300,7 +275,7 @@ def clean_run(lm, ids: Sequence[int]) -> CleanRun:
     return _clean_cache.get((_model_key(lm.model), tuple(ids)), make)
 
 
-def embedding_sigma(lm) -> float:
+def embedding_sigma(lm: "LoadedModel") -> float:
     """Standard deviation of all entries of the token-embedding matrix."""
     weight = lm.model.get_submodule(lm.adapter.token_embedding).weight
     return float(weight.detach().float().std())
@@ -314,8 +289,33 @@ def draw_noise(corruption: str, samples: int, n_noised: int, d_model: int, seed:
     return torch.randn((samples, n_noised, d_model), generator=generator)
 
 
+def corrupted_input(lm: "LoadedModel", ids: Sequence[int], noised: Sequence[int], corruption: str,
+                    noise: float, noise_mode: str, samples: int, seed: int,
+                    replacement_ids: Sequence[int] | None) -> tuple[torch.Tensor, int, float | None, float]:
+    """The corrupted runs' block-0 input [S, n, d] (the noise contract of the module docstring),
+    the first position that differs from the clean input, the embedding sigma (sigma mode) and the
+    noise std actually used."""
+    runner = Runner(lm)
+    n = len(ids)
+    sigma = embedding_sigma(lm) if noise_mode == "sigma" else None
+    noise_std = float(noise) * (sigma if sigma is not None else 1.0)
+    with torch.inference_mode():
+        clean_embeddings = runner.token_embeddings(torch.tensor([list(ids)], device=lm.device))
+        if corruption == "replace":
+            embeddings = runner.token_embeddings(torch.tensor([list(replacement_ids)], device=lm.device))
+            noise_std = 0.0
+        else:
+            embeddings = clean_embeddings.repeat(samples, 1, 1)
+            unit = draw_noise(corruption, samples, len(noised), lm.d_model, seed)
+            embeddings[:, list(noised)] += (unit * noise_std).to(lm.device, lm.dtype)
+        changed = (embeddings != clean_embeddings).any(-1).any(0).nonzero()
+        first_changed = int(changed[0]) if len(changed) else n
+        start = runner.block_input(embeddings, torch.arange(n, device=lm.device))
+    return start, first_changed, sigma, noise_std
+
+
 def corrupted_run(
-    lm,
+    lm: "LoadedModel",
     ids: Sequence[int],
     noised: Sequence[int],
     corruption: str,
@@ -330,26 +330,15 @@ def corrupted_run(
            seed, tuple(replacement_ids or ()))
 
     def make() -> CorruptedRun:
+        started = time.perf_counter()
         runner = Runner(lm)
-        n = len(ids)
-        clean_tokens = torch.tensor([list(ids)], device=lm.device)
-        sigma = embedding_sigma(lm) if noise_mode == "sigma" else None
-        noise_std = float(noise) * (sigma if sigma is not None else 1.0)
+        start, first_changed, sigma, noise_std = corrupted_input(
+            lm, ids, noised, corruption, noise, noise_mode, samples, seed, replacement_ids)
         with torch.inference_mode():
-            clean_embeddings = runner.token_embeddings(clean_tokens)
-            if corruption == "replace":
-                embeddings = runner.token_embeddings(torch.tensor([list(replacement_ids)], device=lm.device))
-                noise_std = 0.0
-            else:
-                embeddings = clean_embeddings.repeat(samples, 1, 1)
-                unit = draw_noise(corruption, samples, len(noised), lm.d_model, seed)
-                embeddings[:, list(noised)] += (unit * noise_std).to(lm.device, lm.dtype)
-            changed = (embeddings != clean_embeddings).any(-1).any(0).nonzero()
-            first_changed = int(changed[0]) if len(changed) else n
-            positions = torch.arange(n, device=lm.device)
             recorder = KVRecorder()
-            states, logits = _forward_collect(runner, runner.block_input(embeddings, positions), recorder)
-        return CorruptedRun(states, recorder.keys, recorder.values, logits, first_changed, sigma, noise_std)
+            states, logits = _forward_collect(runner, start, recorder)
+        return CorruptedRun(states, recorder.keys, recorder.values, logits, first_changed, sigma, noise_std,
+                            time.perf_counter() - started)
 
     return _corrupted_cache.get(key, make)
 
@@ -379,7 +368,7 @@ class _Scorer:
         return out
 
 
-def _top(lm, probs: torch.Tensor, k: int = 5) -> list[tuple[str, float]]:
+def _top(lm: "LoadedModel", probs: torch.Tensor, k: int = 5) -> list[tuple[str, float]]:
     values, indices = probs.topk(k)
     return [(lm.tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, indices)]
 
@@ -471,116 +460,294 @@ def _trace_token(
 # Public entry point
 
 
+@dataclass
+class TraceInputs:
+    """What every trace of one prompt starts from: checked settings, token ids and noised
+    positions, the clean run, the target and contrast ids and their scorer."""
+
+    prompt: str
+    settings: TraceSettings
+    ids: list[int]
+    noised: list[int]
+    replacement_ids: list[int] | None
+    clean: CleanRun
+    target_id: int
+    contrast_id: int | None
+    scorer: "_Scorer"
+
+    @classmethod
+    def make(cls, lm: "LoadedModel", prompt: str, noised: Sequence[int], settings: TraceSettings) -> "TraceInputs":
+        """Tokenize and check everything (ValueError for bad input), then run or reuse the clean run."""
+        ids = tokenize(lm, prompt)
+        noised = _check_noised(noised, len(ids))
+        replacement_ids = _replacement_ids(lm, settings, len(ids))
+        clean = clean_run(lm, ids)
+        target = settings.target
+        target_id = int(clean.logits.argmax()) if target is None else answer_token(lm, target, "target", prompt)
+        contrast_id = None if settings.contrast is None else answer_token(lm, settings.contrast, "contrast", prompt)
+        return cls(prompt, settings, ids, noised, replacement_ids, clean, target_id, contrast_id,
+                   _Scorer(clean.logits, target_id, contrast_id))
+
+    def trace(self, lm: "LoadedModel", cells: dict[str, np.ndarray], corrupted_logits: torch.Tensor,
+              sigma: float | None, noise_std: float, started: float, rows: list[int] | None = None,
+              approximate: bool = False) -> Trace:
+        """The :class:`Trace` of these inputs with computed ``cells`` ([T, L] per metric) and the
+        corrupted runs' last-position logits [S, V]."""
+        scorer = self.scorer
+        with torch.inference_mode():
+            high = {k: float(v) for k, v in scorer(self.clean.logits).items()}
+            low = {k: float(v.mean()) for k, v in scorer(corrupted_logits).items()}
+            corrupted_probs = torch.softmax(corrupted_logits.float(), -1).mean(0)
+            clean_probs = torch.softmax(self.clean.logits.float(), -1)
+        return Trace(
+            prompt=self.prompt,
+            tokens=token_strings(lm, self.ids),
+            token_ids=list(map(int, self.ids)),
+            noised=list(self.noised),
+            kind=self.settings.kind,
+            convention=self.settings.convention,
+            window=self.settings.window,
+            target_id=self.target_id,
+            target=lm.tokenizer.decode([self.target_id]),
+            metrics=cells,
+            metric_low=low,
+            metric_high=high,
+            settings={**self.settings.to_dict(), "noised": list(self.noised),
+                      **({"rows": rows} if rows is not None else {})},
+            sigma=sigma,
+            noise_std=noise_std,
+            clean_top=_top(lm, clean_probs),
+            corrupted_top=_top(lm, corrupted_probs),
+            elapsed=time.perf_counter() - started,
+            model={"name": getattr(lm, "name", ""), "revision": getattr(lm, "revision", "")},
+            approximate=approximate,
+        )
+
+    def low(self, corrupted_logits: torch.Tensor) -> dict[str, float]:
+        """Every metric of the corrupted runs with nothing restored (mean over samples)."""
+        with torch.inference_mode():
+            return {k: float(v.mean()) for k, v in self.scorer(corrupted_logits).items()}
+
+
 def causal_trace(
-    lm,
+    lm: "LoadedModel",
     prompt: str,
     noised: Sequence[int],
-    kind: str = "hidden",
-    noise: float = 0.4,
-    samples: int = 10,
-    seed: int = 0,
-    target: int | str | None = None,
-    window: int = 10,
+    kind: str = UNSET,
+    noise: float = UNSET,
+    samples: int = UNSET,
+    seed: int = UNSET,
+    target: int | str | None = UNSET,
+    window: int = UNSET,
     progress: Progress | None = None,
     *,
-    corruption: str = "gaussian",
-    noise_mode: str = "absolute",
-    replacement: str | None = None,
-    contrast: int | str | None = None,
-    convention: str = "input",
+    settings: TraceSettings | None = None,
+    corruption: str = UNSET,
+    noise_mode: str = UNSET,
+    replacement: str | None = UNSET,
+    contrast: int | str | None = UNSET,
+    convention: str = UNSET,
+    rows: str | Sequence[int] | None = None,
+    on_rows: RowsCallback | None = None,
     token_rows_per_batch: int = TOKEN_ROWS_PER_BATCH,
 ) -> Trace:
-    """Trace how much restoring each (token, layer) cell brings back p(target).
+    """Trace how much restoring each (token, layer) cell of ``prompt`` brings back p(target)
+    when the tokens at ``noised`` are corrupted.
 
-    Returns a :class:`Trace`; raises ``ValueError`` for bad input and :class:`TraceCancelled` when
-    ``progress(done, total)`` returns False.
+    Settings come from ``settings`` (a :class:`TraceSettings`, default ``TraceSettings()``:
+    hidden, noise 0.4, 10 samples, seed 0, window 10, input convention); any keyword that is
+    given replaces its value (``target=None``: the clean top-1 token). Returns a :class:`Trace` with cells
+    [n_tokens, n_layers]; raises ``ValueError`` for bad input and :class:`TraceCancelled` when
+    ``progress(done, total)`` returns False (asked after every chunk of cells; ``done`` and
+    ``total`` count block-positions of work, so their ratio is an honest fraction of the time).
+    ``rows``: which token rows to compute (``resolve_rows``; the others are NaN, not faked).
+    ``on_rows(RowBlock)`` receives every computed cell exactly once as
+    soon as it is known (``token_order``: noised tokens and the final token first); the result is
+    the same, bit for bit, with or without it.
     """
     started = time.perf_counter()
-    _check_settings(kind, noise, samples, window, corruption, noise_mode, convention, seed)
-    ids = tokenize(lm, prompt)
-    noised = _check_noised(noised, len(ids))
-    replacement_ids = None
-    if corruption == "replace":
-        if not replacement:
-            raise ValueError("Token replacement needs a second prompt (the corrupted run).")
-        replacement_ids = tokenize(lm, replacement)
-        if len(replacement_ids) != len(ids):
-            raise ValueError(
-                f"The replacement prompt has {len(replacement_ids)} tokens; it must have the same "
-                f"number as the prompt ({len(ids)})."
-            )
-    effective_samples = 1 if corruption == "replace" else int(samples)
-
-    clean = clean_run(lm, ids)
-    target_id = int(clean.logits.argmax()) if target is None else answer_token(lm, target, "target", prompt)
-    contrast_id = None if contrast is None or contrast == "" else answer_token(lm, contrast, "contrast", prompt)
-    corrupt = corrupted_run(lm, ids, noised, corruption, float(noise or 0), noise_mode,
-                            effective_samples, int(seed), replacement_ids)
-    scorer = _Scorer(clean.logits, target_id, contrast_id)
+    s = TraceSettings.merged(settings, kind=kind, noise=noise, samples=samples, seed=seed,
+                             target=target, window=window, corruption=corruption,
+                             noise_mode=noise_mode, replacement=replacement, contrast=contrast,
+                             convention=convention)
+    inputs = TraceInputs.make(lm, prompt, noised, s)
+    corrupt = corrupted_run(lm, inputs.ids, inputs.noised, s.corruption, s.noise, s.noise_mode,
+                            s.effective_samples, s.seed, inputs.replacement_ids)
+    computed_rows = resolve_rows(rows, inputs.noised, len(inputs.ids))
+    plan = _plan(inputs.clean, corrupt, s.kind, s.convention, s.window, token_rows_per_batch, inputs.noised,
+                 computed_rows)
     with torch.inference_mode():
-        high = {k: float(v) for k, v in scorer(clean.logits).items()}
-        low = {k: float(v.mean()) for k, v in scorer(corrupt.logits).items()}
-        cells = _restore_all(lm, clean, corrupt, kind, convention, int(window), scorer,
-                             low, progress, token_rows_per_batch)
-        corrupted_probs = torch.softmax(corrupt.logits.float(), -1).mean(0)
-        clean_probs = torch.softmax(clean.logits.float(), -1)
-    settings = {
-        "kind": kind, "noise": float(noise or 0), "samples": int(samples), "seed": int(seed),
-        "target": target if not isinstance(target, np.integer) else int(target),
-        "window": int(window), "corruption": corruption, "noise_mode": noise_mode,
-        "replacement": replacement if corruption == "replace" else None,
-        "contrast": contrast if not isinstance(contrast, np.integer) else int(contrast),
-        "convention": convention, "noised": list(noised),
-    }
-    return Trace(
-        prompt=prompt,
-        tokens=token_strings(lm, ids),
-        token_ids=list(map(int, ids)),
-        noised=list(noised),
-        kind=kind,
-        convention=convention,
-        window=int(window),
-        target_id=target_id,
-        target=lm.tokenizer.decode([target_id]),
-        metrics=cells,
-        metric_low=low,
-        metric_high=high,
-        settings=settings,
-        sigma=corrupt.sigma,
-        noise_std=corrupt.noise_std,
-        clean_top=_top(lm, clean_probs),
-        corrupted_top=_top(lm, corrupted_probs),
-        elapsed=time.perf_counter() - started,
-        model={"name": getattr(lm, "name", ""), "revision": getattr(lm, "revision", "")},
-    )
+        cells = _restore_all(lm, inputs.clean, corrupt, s.kind, inputs.scorer, inputs.low(corrupt.logits),
+                             plan, progress, on_rows)
+    return inputs.trace(lm, cells, corrupt.logits, corrupt.sigma, corrupt.noise_std, started, computed_rows)
 
 
-def _restore_all(lm, clean, corrupt, kind, convention, window, scorer, low, progress, budget) -> dict[str, np.ndarray]:
-    """Every cell's metrics; identical-state cells take the corrupted values."""
+def _replacement_ids(lm: "LoadedModel", s: TraceSettings, n_tokens: int) -> list[int] | None:
+    """Token ids of the replacement prompt (token replacement only), checked for length."""
+    if s.corruption != "replace":
+        return None
+    if not s.replacement:
+        raise ValueError("Token replacement needs a second prompt (the corrupted run).")
+    ids = tokenize(lm, s.replacement)
+    if len(ids) != n_tokens:
+        raise ValueError(
+            f"The replacement prompt has {len(ids)} tokens; it must have the same "
+            f"number as the prompt ({n_tokens})."
+        )
+    return ids
+
+
+@dataclass
+class _Chunk:
+    """Rows of one token computed in one batch, and their cost in block-positions."""
+
+    token: int
+    rows: list[_Row]
+    cost: int
+
+
+@dataclass
+class _Plan:
+    chunks: list[_Chunk]  # in computing order
+    known: list[tuple[int, tuple[int, ...]]]  # (token, layers) whose cells equal the corrupted run
+    skipped: list[int]  # token rows not computed at all (NaN)
+
+    @property
+    def cost(self) -> int:
+        return sum(c.cost for c in self.chunks)
+
+    @property
+    def cells(self) -> int:
+        return sum(len(c.rows) for c in self.chunks)
+
+
+def _plan(clean: CleanRun, corrupt: CorruptedRun, kind: str, convention: str, window: int,
+          budget: int, noised: Sequence[int], rows: Sequence[int] | None) -> _Plan:
+    """Which cells to compute, in which batches and order (``token_order``), and at what cost: a
+    row restored at token t from layer ``start`` runs blocks start..L-1 on positions t..n-1 for
+    every sample. Cells whose clean and corrupted states are equal are known without a forward."""
+    n_tokens, n_layers = len(clean.states[0]), len(clean.states) - 1
+    samples = corrupt.states[0].shape[0]
+    all_rows = _rows(kind, convention, n_layers, window)
+    wanted = set(range(n_tokens)) if rows is None else set(rows)
+    plan = _Plan([], [], sorted(set(range(n_tokens)) - wanted))
+    for t in token_order(n_tokens, noised):
+        if t not in wanted:
+            continue
+        todo = [r for r in all_rows if not _identical(r, t, clean, corrupt)] if t >= corrupt.first_changed else []
+        computed = {r.column for r in todo}
+        plan.known.append((t, tuple(c for c in range(n_layers) if c not in computed)))
+        width = samples * (n_tokens - t)
+        for chunk in _chunks(todo, max(1, budget // max(1, width))):
+            plan.chunks.append(_Chunk(t, chunk, sum(width * max(1, n_layers - r.start) for r in chunk)))
+    return plan
+
+
+def _restore_all(lm: "LoadedModel", clean, corrupt, kind: str, scorer, low, plan: _Plan, progress,
+                 on_rows: RowsCallback | None = None) -> dict[str, np.ndarray]:
+    """Every planned cell's metrics (known cells take the corrupted values, skipped rows are NaN).
+    ``progress(done, total)`` counts block-positions of work; each finished group of cells goes to
+    ``on_rows``."""
     runner = Runner(lm)
     n_tokens, n_layers = len(clean.states[0]), runner.n_layers
-    samples = corrupt.states[0].shape[0]
     cells = {k: np.full((n_tokens, n_layers), v, dtype=np.float64) for k, v in low.items()}
-    all_rows = _rows(kind, convention, n_layers, window)
-    plan = []
-    for t in range(corrupt.first_changed, n_tokens):
-        rows = [r for r in all_rows if not _identical(r, t, clean, corrupt)]
-        per_chunk = max(1, budget // max(1, samples * (n_tokens - t)))
-        plan.extend((t, chunk) for chunk in _chunks(rows, per_chunk))
-    total = sum(len(chunk) for _, chunk in plan)
-    done = 0
-    if progress is not None and progress(0, total) is False:
-        raise TraceCancelled()
-    for t, chunk in plan:
-        logits = _trace_token(runner, t, chunk, clean, corrupt, kind)
-        for name, value in scorer(logits).items():
-            means = value.mean(1).double().cpu().numpy()
-            for row, mean in zip(chunk, means):
-                cells[name][t, row.column] = mean
-        done += len(chunk)
+    for values in cells.values():
+        values[plan.skipped] = np.nan
+    total, done = plan.cost, 0
+
+    def check() -> None:
         if progress is not None and progress(done, total) is False:
             raise TraceCancelled()
+
+    def deliver(token: int, layers: tuple[int, ...]) -> None:
+        if on_rows is not None and layers:
+            on_rows(RowBlock(token, layers, {k: v[token, list(layers)].copy() for k, v in cells.items()}))
+
+    check()
+    for token, layers in plan.known:  # known before any forward
+        deliver(token, layers)
+    for chunk in plan.chunks:
+        started = time.perf_counter()
+        logits = _trace_token(runner, chunk.token, chunk.rows, clean, corrupt, kind)
+        for name, value in scorer(logits).items():
+            means = value.mean(1).double().cpu().numpy()
+            for row, mean in zip(chunk.rows, means):
+                cells[name][chunk.token, row.column] = mean
+        _record_rate(lm, chunk.cost, time.perf_counter() - started)
+        done += chunk.cost
+        deliver(chunk.token, tuple(r.column for r in chunk.rows))
+        check()
     return cells
+
+
+_rates: dict[int, float] = {}  # model key -> seconds per block-position of restoration work
+_rates_lock = threading.Lock()
+
+
+def _record_rate(lm: "LoadedModel", cost: int, seconds: float) -> None:
+    """Fold one chunk's measured speed into the model's running rate."""
+    if cost <= 0:
+        return
+    key = _model_key(lm.model)
+    with _rates_lock:
+        old = _rates.get(key)
+        _rates[key] = seconds / cost if old is None else 0.7 * old + 0.3 * seconds / cost
+
+
+@dataclass(frozen=True)
+class TraceEstimate:
+    """What an exact trace will cost before it runs: cells to compute, work in block-positions,
+    and the expected seconds on this machine (from the measured speed of earlier traces of this
+    model, else from the corrupted run's forward)."""
+
+    cells: int
+    cost: int
+    seconds: float
+
+
+def estimate_trace(lm: "LoadedModel", prompt: str, noised: Sequence[int], *, settings: TraceSettings | None = None,
+                   rows: str | Sequence[int] | None = None, token_rows_per_batch: int = TOKEN_ROWS_PER_BATCH,
+                   **keywords: Any) -> TraceEstimate:  # keywords: TraceSettings fields, as causal_trace
+    """The cost of ``causal_trace`` with the same arguments, without tracing: runs (or reuses)
+    only the clean and corrupted forwards."""
+    s = TraceSettings.merged(settings, **keywords)
+    inputs = TraceInputs.make(lm, prompt, noised, s)
+    ids, noised = inputs.ids, inputs.noised
+    corrupt = corrupted_run(lm, ids, noised, s.corruption, s.noise, s.noise_mode, s.effective_samples,
+                            s.seed, inputs.replacement_ids)
+    plan = _plan(inputs.clean, corrupt, s.kind, s.convention, s.window, token_rows_per_batch, noised,
+                 resolve_rows(rows, noised, len(ids)))
+    with _rates_lock:
+        rate = _rates.get(_model_key(lm.model))
+    if rate is None:
+        forward = corrupt.states[0].shape[0] * len(ids) * (len(corrupt.states) - 1)
+        rate = corrupt.seconds / max(1, forward)
+    return TraceEstimate(plan.cells, plan.cost, plan.cost * rate)
+
+
+ROW_CHOICES = ("all", "noised_final")
+
+
+def resolve_rows(rows: str | Sequence[int] | None, noised: Sequence[int], n_tokens: int) -> list[int] | None:
+    """Token rows to compute: None or "all" = every token (None returned); "noised_final" = the
+    noised tokens and the final token; or explicit indices (negative ones count from the end)."""
+    if rows is None or (isinstance(rows, str) and rows == "all"):
+        return None
+    if isinstance(rows, str):
+        if rows != "noised_final":
+            raise ValueError(f"Unknown rows '{rows}'. Use 'all', 'noised_final' or token indices.")
+        return sorted({*noised, n_tokens - 1})
+    out = set(resolve_positions(rows, n_tokens, "row"))
+    return None if len(out) == n_tokens else sorted(out)
+
+
+def token_order(n_tokens: int, noised: Sequence[int]) -> list[int]:
+    """The order token rows are computed in, most informative first: the noised tokens, the final
+    token, then the others from the first on."""
+    first = [t for t in sorted(set(noised)) if 0 <= t < n_tokens]
+    if n_tokens - 1 not in first:
+        first.append(n_tokens - 1)
+    return first + [t for t in range(n_tokens) if t not in first]
 
 
 def _identical(row: _Row, t: int, clean: CleanRun, corrupt: CorruptedRun) -> bool:

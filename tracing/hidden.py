@@ -18,15 +18,19 @@ A cosine with a zero vector is NaN.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .prompts import REGURGITATION
-from .runner import Runner
-from .tokens import answer_token, completion_token, tokenize
+from .analysis import describe
+from .categories import group_of
+from .model.runner import Runner
+from .model.tokens import answer_token, tokenize
+
+if TYPE_CHECKING:
+    from .model import LoadedModel
 
 MEASURES: dict[str, str] = {
     "norm": "Norm |h(l)|",
@@ -45,21 +49,13 @@ MEASURE_HELP: dict[str, str] = {
     "target_prob": "Probability of the expected completion's first token when the state entering "
     "layer l is put through the final norm and unembedding.",
 }
-COMBINED = "regurgitation"
-COMBINED_LABEL = "Regurgitation (combined)"
 
 Progress = Callable[[int, int], None]
 
 
-def encode_prompt(lm, prompt: str) -> torch.Tensor:
-    """Token ids [1, T] of a prompt; ValueError if empty or longer than the model's context."""
+def _ids(lm: "LoadedModel", prompt: str) -> torch.Tensor:
+    """Token ids [1, T] of a prompt (``tokenize``: checked for empty and too long)."""
     return torch.tensor([tokenize(lm, prompt)])
-
-
-def target_token_id(lm, prompt: str, completion: str) -> int:
-    """The first token of a completion as tokenized after the prompt (include its leading space,
-    e.g. " Paris"), like the prompt sets' ``expected``."""
-    return completion_token(lm, prompt, completion, "target completion")
 
 
 def _states(runner: Runner, ids: torch.Tensor) -> torch.Tensor:
@@ -68,9 +64,9 @@ def _states(runner: Runner, ids: torch.Tensor) -> torch.Tensor:
         return torch.stack([h[0, -1] for h in runner.hidden_states(ids)])
 
 
-def final_token_states(lm, prompt: str) -> np.ndarray:
+def final_token_states(lm: "LoadedModel", prompt: str) -> np.ndarray:
     """[n_layers + 1, d_model]: inputs of blocks 0..L-1 at the final token, then the last output."""
-    ids = encode_prompt(lm, prompt)
+    ids = _ids(lm, prompt)
     return _states(Runner(lm), ids).float().cpu().numpy()
 
 
@@ -151,13 +147,13 @@ def _lens_probs(runner: Runner, states: torch.Tensor) -> torch.Tensor:
         return runner.logits(states).float().softmax(-1)
 
 
-def logit_lens(lm, prompt: str, k: int = 5, target: str | int | None = None) -> LogitLens:
+def logit_lens(lm: "LoadedModel", prompt: str, k: int = 5, target: str | int | None = None) -> LogitLens:
     """Top-k tokens and the target's probability and rank at every layer for the final token.
 
     ``target``: None = the model's top prediction on the prompt; a completion string = its first
-    token (see ``target_token_id``); an int = a token id.
+    token (its first token after the prompt, as ``completion_token``); an int = a token id.
     """
-    ids = encode_prompt(lm, prompt)
+    ids = _ids(lm, prompt)
     runner = Runner(lm)
     probs = _lens_probs(runner, _states(runner, ids)).cpu()
     k = max(1, min(int(k), probs.shape[-1]))
@@ -179,7 +175,7 @@ def logit_lens(lm, prompt: str, k: int = 5, target: str | int | None = None) -> 
     )
 
 
-def _resolve_target(lm, prompt: str, target: str | int | None, final_probs: torch.Tensor) -> int:
+def _resolve_target(lm: "LoadedModel", prompt: str, target: str | int | None, final_probs: torch.Tensor) -> int:
     if target is None:
         return int(final_probs.argmax())
     return answer_token(lm, target, "target", prompt)
@@ -191,10 +187,10 @@ def _measures(states: torch.Tensor, probs: torch.Tensor, target_id: int) -> dict
     return measures
 
 
-def prompt_trajectory(lm, prompt: str, target: str | int | None = None) -> dict[str, np.ndarray]:
+def prompt_trajectory(lm: "LoadedModel", prompt: str, target: str | int | None = None) -> dict[str, np.ndarray]:
     """All measures of ``MEASURES`` for one prompt (target: see ``logit_lens``)."""
     runner = Runner(lm)
-    states = _states(runner, encode_prompt(lm, prompt))
+    states = _states(runner, _ids(lm, prompt))
     probs = _lens_probs(runner, states)
     return _measures(states, probs, _resolve_target(lm, prompt, target, probs[-1]))
 
@@ -213,7 +209,7 @@ def _batch_states(runner: Runner, ids: torch.Tensor) -> torch.Tensor:
         return torch.stack([h[:, -1] for h in runner.hidden_states(ids)], dim=1)
 
 
-def prompt_set_trajectories(lm, prompts: pd.DataFrame, progress: Progress | None = None,
+def prompt_set_trajectories(lm: "LoadedModel", prompts: pd.DataFrame, progress: Progress | None = None,
                             batch_size: int = 8) -> pd.DataFrame:
     """Long table of every measure for every prompt of a prompt set.
 
@@ -243,9 +239,9 @@ def _target_or_none(value: object) -> str | None:
     return value if isinstance(value, str) and value != "" else None
 
 
-def _encode_row(lm, index: int, prompt: str) -> torch.Tensor:
+def _encode_row(lm: "LoadedModel", index: int, prompt: str) -> torch.Tensor:
     try:
-        return encode_prompt(lm, prompt)
+        return _ids(lm, prompt)
     except ValueError as exc:
         raise ValueError(f"Prompt {index + 1}: {exc}") from None
 
@@ -263,22 +259,17 @@ def group_categories(trajectories: pd.DataFrame, combine_regurgitation: bool = T
     """A copy with a ``group`` column: the category, or "regurgitation" for both kinds when
     ``combine_regurgitation``."""
     out = trajectories.copy()
-    out["group"] = out["category"]
-    if combine_regurgitation:
-        out.loc[out["category"].isin(REGURGITATION), "group"] = COMBINED
+    out["group"] = [group_of(c, combine_regurgitation) for c in out["category"]]
     return out
 
 
 def summarise(trajectories: pd.DataFrame, combine_regurgitation: bool = True) -> pd.DataFrame:
-    """Mean and spread per group, measure and layer.
-
-    Columns ``group, measure, layer, mean, std, sem, n``: ``std`` is the sample standard deviation
-    (ddof=1, 0 for a single prompt), ``sem`` = std / sqrt(n). NaN values are left out.
-    """
+    """Mean and spread per group, measure and layer (``analysis.describe``: sample std, NaN for a
+    single prompt; NaN values left out). Columns ``group, measure, layer, mean, std, sem, n``."""
     grouped = group_categories(trajectories, combine_regurgitation)
-    stats = grouped.groupby(["group", "measure", "layer"], sort=False)["value"].agg(
-        mean="mean", std="std", n="count"
-    ).reset_index()
-    stats["std"] = stats["std"].fillna(0.0)
-    stats["sem"] = stats["std"] / np.sqrt(stats["n"].clip(lower=1))
-    return stats[["group", "measure", "layer", "mean", "std", "sem", "n"]]
+    rows = []
+    for (group, measure, layer), values in grouped.groupby(["group", "measure", "layer"], sort=False)["value"]:
+        stats = describe(values.to_numpy())
+        rows.append({"group": group, "measure": measure, "layer": layer, "mean": float(stats["mean"]),
+                     "std": float(stats["std"]), "sem": float(stats["sem"]), "n": int(stats["n"])})
+    return pd.DataFrame(rows, columns=["group", "measure", "layer", "mean", "std", "sem", "n"])

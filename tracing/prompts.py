@@ -37,24 +37,34 @@ import io
 import os
 import re
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterable
 
 import pandas as pd
 
-from . import tokens
+from .categories import CATEGORIES
+from .model import tokens
+from .model.runner import Runner
 
-CATEGORIES = {
-    "non_english": "Non-English regurgitation",
-    "plain_english": "Plain-English regurgitation",
-    "semantic": "Semantic recall",
-}
-REGURGITATION = ("non_english", "plain_english")
+if TYPE_CHECKING:
+    from .model import LoadedModel
+
 COLUMNS = ("category", "prompt", "expected", "subject", "notes")
 REQUIRED = ("category", "prompt", "expected", "subject")
 OPTIONAL = ("notes", "noised", "model_top1")
 FRAME_COLUMNS = COLUMNS + ("noised", "model_top1", "problems")
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+
+
+def _prompts_dir() -> Path:
+    """The shipped prompt sets: ``prompts/`` beside the package in a checkout (or an editable
+    install), ``tracing/prompt_sets/`` when installed from a wheel (pyproject maps one to the
+    other)."""
+    checkout = Path(__file__).resolve().parent.parent / "prompts"
+    return checkout if (checkout / "default.csv").is_file() else Path(__file__).resolve().parent / "prompt_sets"
+
+
+PROMPTS_DIR = _prompts_dir()
 DEFAULT_SET = PROMPTS_DIR / "default.csv"
+LONG_TEXT = PROMPTS_DIR / "long_text_default.txt"  # the attention page's default long text
 MAX_PROMPTS = 2000
 MAX_BYTES = 1_000_000
 _TRUE = {"true", "yes", "y", "1"}
@@ -137,7 +147,7 @@ def _decode(data: bytes, name: str) -> str:
         raise PromptSetError([(0, f"not UTF-8 text ({exc.reason} at byte {exc.start})")], name) from None
 
 
-def load_prompt_set(path: str | os.PathLike | bytes | BinaryIO | None = None, lm=None) -> pd.DataFrame:
+def load_prompt_set(path: str | os.PathLike | bytes | BinaryIO | None = None, lm: "LoadedModel | None" = None) -> pd.DataFrame:
     """Load a prompt set (None: the shipped ``prompts/default.csv``) into a DataFrame.
 
     Columns: ``category, prompt, expected, subject, notes, noised, model_top1, problems``.
@@ -204,7 +214,7 @@ def _row(line: int, header: list[str], fields: list[str]) -> tuple[dict[str, Any
     return row, errors
 
 
-def parse_prompt_set(text: str, source: str = "prompt set", lm=None) -> pd.DataFrame:
+def parse_prompt_set(text: str, source: str = "prompt set", lm: "LoadedModel | None" = None) -> pd.DataFrame:
     """Parse CSV text in the prompt-set format (see the module docstring)."""
     header, body = _records(text, source)
     rows, lines, errors = [], [], []
@@ -221,7 +231,7 @@ def parse_prompt_set(text: str, source: str = "prompt set", lm=None) -> pd.DataF
     return frame
 
 
-def find_problems(frame: pd.DataFrame, lm=None, lines: list[int] | None = None) -> list[str]:
+def find_problems(frame: pd.DataFrame, lm: "LoadedModel | None" = None, lines: list[int] | None = None) -> list[str]:
     """For each row, "" or a description of the study's constraints it breaks."""
     lines = lines or [i + 2 for i in range(len(frame))]
     seen: dict[tuple[str, ...], int] = {}
@@ -256,10 +266,10 @@ def _text_problems(row) -> list[str]:
     return []
 
 
-def _token_problems(lm, row) -> list[str]:
+def _token_problems(lm: "LoadedModel", row) -> list[str]:
     try:
         positions = resolve_noised(lm, row.prompt, row.subject, getattr(row, "noised", None))
-        n_tokens = len(prompt_token_ids(lm, row.prompt))
+        n_tokens = len(tokens.tokenize(lm, row.prompt))
         expected_token_id(lm, row.prompt, row.expected)
     except ValueError as exc:
         return [str(exc)]
@@ -271,22 +281,12 @@ def _token_problems(lm, row) -> list[str]:
     return problems
 
 
-def prompt_token_ids(lm, prompt: str) -> list[int]:
-    """Token ids of a prompt as the tracer tokenizes it (``tracing.tokens.tokenize``)."""
-    return tokens.tokenize(lm, prompt)
-
-
-def subject_token_positions(lm, prompt: str, subject: str) -> list[int]:
-    """Indices of the tokens that overlap the first occurrence of ``subject`` in ``prompt``."""
-    return tokens.subject_positions(lm, prompt, subject, "all")
-
-
-def noised_positions(lm, prompt: str, subject: str) -> list[int]:
+def noised_positions(lm: "LoadedModel", prompt: str, subject: str) -> list[int]:
     """The token(s) the study noises: the last token of the subject's first occurrence."""
     return tokens.subject_positions(lm, prompt, subject, "last")
 
 
-def resolve_noised(lm, prompt: str, subject: str, noised: Iterable[int] | None = None) -> list[int]:
+def resolve_noised(lm: "LoadedModel", prompt: str, subject: str, noised: Iterable[int] | None = None) -> list[int]:
     """Explicit ``noised`` indices (negative ones count from the end) or the subject's last token."""
     if isinstance(noised, str):
         noised = _parse_noised(noised)
@@ -294,7 +294,7 @@ def resolve_noised(lm, prompt: str, subject: str, noised: Iterable[int] | None =
         noised = None
     if not noised:
         return noised_positions(lm, prompt, str(subject or ""))
-    n = len(prompt_token_ids(lm, prompt))
+    n = len(tokens.tokenize(lm, prompt))
     positions = sorted({i + n if i < 0 else i for i in (int(x) for x in noised)})
     bad = [i for i in positions if not 0 <= i < n]
     if bad:
@@ -302,22 +302,22 @@ def resolve_noised(lm, prompt: str, subject: str, noised: Iterable[int] | None =
     return positions
 
 
-def expected_token_id(lm, prompt: str, expected: str) -> int:
+def expected_token_id(lm: "LoadedModel", prompt: str, expected: str) -> int:
     """The first token of ``expected`` as it is tokenized after ``prompt`` (the traced target)."""
     return tokens.completion_token(lm, prompt, expected, "expected completion")
 
 
-def model_top1(lm, frame: pd.DataFrame) -> pd.DataFrame:
+def model_top1(lm: "LoadedModel", frame: pd.DataFrame) -> pd.DataFrame:
     """Clean next-token prediction for each prompt: columns ``top1`` (token), ``top1_prob``,
     ``expected_prob`` and ``correct`` (top-1 == expected first token)."""
     import torch
 
-    rows = []
+    rows, runner = [], Runner(lm)
     for prompt, expected in zip(frame["prompt"], frame["expected"]):
-        ids = torch.tensor([prompt_token_ids(lm, prompt)], device=lm.device)
+        ids = torch.tensor([tokens.tokenize(lm, prompt)], device=lm.device)
         target = expected_token_id(lm, prompt, expected)
         with torch.inference_mode():
-            probs = lm.model(ids).logits[0, -1].float().softmax(-1)
+            probs = runner.logits(runner.hidden_states(ids)[-1][0, -1]).softmax(-1)
         top = int(probs.argmax())
         rows.append(
             {
@@ -360,6 +360,6 @@ def save_prompt_set(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
     return path
 
 
-def check_prompt_set(frame: pd.DataFrame, lm=None) -> pd.DataFrame:
+def check_prompt_set(frame: pd.DataFrame, lm: "LoadedModel | None" = None) -> pd.DataFrame:
     """Re-validate an edited DataFrame (e.g. from a table editor); line numbers refer to its CSV."""
     return parse_prompt_set(prompt_set_to_csv(frame), source="edited set", lm=lm)

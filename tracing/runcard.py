@@ -14,16 +14,22 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import json
-import math
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import pandas as pd
 
-from .causal import CONVENTIONS, CORRUPTIONS, KINDS, METRICS, NOISE_MODES, Trace, subject_positions
+from . import query
+from .causal import Trace
+from .model.tokens import subject_positions
+from .settings import (CONVENTIONS, CORRUPTIONS, INTERACTIVE, KINDS, METRICS, NOISE_MODES, NOISE_RANGE,
+                       SAMPLES_RANGE, SEED_RANGE, WINDOW_RANGE, TraceSettings)
+
+if TYPE_CHECKING:
+    from .model import LoadedModel
 
 CARD_FORMAT = "causal-tracing run card"
 CARD_VERSION = 1
@@ -32,11 +38,7 @@ EXAMPLE_SUBJECT = "Eiffel Tower"
 KIND_CHOICES = KINDS + ("all",)
 NOISE_BY = ("subject", "tokens")
 SUBJECT_TOKENS = ("all", "last")
-NOISE_RANGE = {"absolute": (0.0, 2.0), "sigma": (0.0, 10.0)}
-SAMPLES_RANGE = (1, 50)
-SEED_RANGE = (0, 2**31 - 1)
-WINDOW_RANGE = (1, 128)
-MAX_TEXT = 20_000
+MAX_TEXT = query.MAX_TEXT
 MAX_SWEEP = 8
 DEFAULT_SWEEP = (0.1, 0.3, 0.5, 1.0)
 PACKAGES = ("causal-tracing", "torch", "transformers", "numpy", "pandas", "altair",
@@ -50,16 +52,16 @@ DEFAULTS: dict[str, Any] = {
     "tokens": [],
     "target": "",  # "" = the clean top-1 token, else an expected completion (its first token)
     "contrast": "",  # second answer for the logit difference
-    "corruption": "gaussian",
-    "noise_mode": "absolute",
-    "noise": 0.4,  # = 3 × embedding σ of the embedded model (ROME's rule); the study used 0.5
+    "corruption": INTERACTIVE.corruption,
+    "noise_mode": INTERACTIVE.noise_mode,
+    "noise": INTERACTIVE.noise,  # = 3 × embedding σ of the embedded model (ROME's rule); the study used 0.5
     "replacement": "",
-    "samples": 3,  # ROME uses 10; 3 keeps the page live on a CPU (each sample is a full trace)
-    "seed": 0,
-    "kind": "hidden",
-    "window": 10,
+    "samples": INTERACTIVE.samples,
+    "seed": INTERACTIVE.seed,
+    "kind": INTERACTIVE.kind,
+    "window": INTERACTIVE.window,
     "metric": "prob",
-    "convention": "input",
+    "convention": INTERACTIVE.convention,
     "sweep": list(DEFAULT_SWEEP),
     "sweep_on": False,
 }
@@ -78,80 +80,28 @@ class RunCardError(ValueError):
 # Page state
 
 
-def _as_text(value: Any) -> str:
-    if isinstance(value, list):  # repeated query parameter: the last one wins
-        value = value[-1] if value else ""
-    if not isinstance(value, str):
-        raise ValueError("not text")
-    if len(value) > MAX_TEXT:
-        raise ValueError(f"longer than {MAX_TEXT} characters")
-    return value
-
-
-def _as_int(value: Any, low: int, high: int) -> int:
-    if isinstance(value, bool):
-        raise ValueError("not an integer")
-    if isinstance(value, str):
-        value = value.strip()
-    number = int(value) if not isinstance(value, float) or value.is_integer() else None
-    if number is None or not low <= number <= high:
-        raise ValueError(f"not an integer from {low} to {high}")
-    return number
-
-
-def _as_float(value: Any, low: float, high: float) -> float:
-    if isinstance(value, bool):
-        raise ValueError("not a number")
-    number = float(value.strip() if isinstance(value, str) else value)
-    if not math.isfinite(number) or not low <= number <= high:
-        raise ValueError(f"not a number from {low:g} to {high:g}")
-    return number
-
-
-def _as_list(value: Any) -> list:
-    if isinstance(value, str):
-        return [v for v in value.replace(";", ",").split(",") if v.strip()]
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    raise ValueError("not a list")
-
-
-def _as_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError("not true/false")
-
-
 def _parse_one(name: str, value: Any, noise_mode: str) -> Any:
     """One validated state value (raises ValueError with a short reason)."""
     if name in _TEXT:
-        return _as_text(value)
+        return query.text(value)
     if name in _CHOICES:
-        text = _as_text(value).strip()
-        if text not in _CHOICES[name]:
-            raise ValueError(f"not one of {', '.join(_CHOICES[name])}")
-        return text
+        return query.choice(tuple(_CHOICES[name]))(value)
     if name in _INTS:
-        return _as_int(value, *_INTS[name])
+        return query.integer(*_INTS[name])(value)
     if name == "noise":
-        return _as_float(value, *NOISE_RANGE[noise_mode])
+        return query.number(*NOISE_RANGE[noise_mode])(value)
     if name == "tokens":
-        items = _as_list(value)
-        if len(items) > 4096:
+        indices = query.items(value)
+        if len(indices) > 4096:
             raise ValueError("too many indices")
-        return sorted({_as_int(v, 0, 10**6) for v in items})
+        return sorted({query.integer(0, 10**6)(v) for v in indices})
     if name == "sweep":
-        levels = sorted({_as_float(v, *NOISE_RANGE[noise_mode]) for v in _as_list(value)})
+        levels = sorted({query.number(*NOISE_RANGE[noise_mode])(v) for v in query.items(value)})
         if not 1 <= len(levels) <= MAX_SWEEP:
             raise ValueError(f"give 1 to {MAX_SWEEP} noise levels")
         return levels
     if name == "sweep_on":
-        return _as_bool(value)
+        return query.flag(value)
     raise KeyError(name)
 
 
@@ -204,15 +154,24 @@ def state_to_query(state: Mapping[str, Any]) -> dict[str, str]:
 
 @dataclass
 class TraceRequest:
-    """What ``causal_trace`` gets for one kind: positions, keyword arguments and store settings."""
+    """One ``causal_trace`` call: the prompt, the positions to noise and the settings."""
 
     prompt: str
     noised: list[int]
-    kwargs: dict[str, Any]
-    settings: dict[str, Any] = field(default_factory=dict)
+    trace_settings: TraceSettings
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``causal_trace`` (every setting)."""
+        return self.trace_settings.to_dict()
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The settings with the noised positions: what the result store keys."""
+        return {**self.kwargs, "noised": list(self.noised)}
 
 
-def noised_positions(lm, state: Mapping[str, Any]) -> list[int]:
+def noised_positions(lm: "LoadedModel", state: Mapping[str, Any]) -> list[int]:
     """The token indices to noise: the subject's tokens (all or the last) or the picked ones."""
     if state["noise_by"] == "subject":
         return subject_positions(lm, state["prompt"], state["subject"], which=state["subject_tokens"])
@@ -221,7 +180,7 @@ def noised_positions(lm, state: Mapping[str, Any]) -> list[int]:
     return list(state["tokens"])
 
 
-def trace_request(lm, state: Mapping[str, Any], kind: str | None = None,
+def trace_request(lm: "LoadedModel", state: Mapping[str, Any], kind: str | None = None,
                   noise: float | None = None) -> TraceRequest:
     """Arguments of one ``causal_trace`` call (``kind``/``noise`` override the state's)."""
     kind = kind or state["kind"]
@@ -229,22 +188,23 @@ def trace_request(lm, state: Mapping[str, Any], kind: str | None = None,
         raise ValueError(f"Unknown kind '{kind}'.")
     noised = noised_positions(lm, state)
     replace = state["corruption"] == "replace"
-    kwargs = {
-        "kind": kind,
-        "noise": 0.0 if replace else float(state["noise"] if noise is None else noise),
-        "samples": int(state["samples"]),
-        "seed": int(state["seed"]),
-        "target": state["target"] or None,
-        "window": int(state["window"]),
-        "corruption": state["corruption"],
-        "noise_mode": state["noise_mode"],
-        "replacement": state["replacement"] if replace else None,
-        "contrast": (state["contrast"] or None) if state["metric"] == "logit_diff" else None,
-        "convention": state["convention"],
-    }
-    if state["metric"] == "logit_diff" and kwargs["contrast"] is None:
+    contrast = (state["contrast"] or None) if METRICS[state["metric"]].needs_contrast else None
+    if METRICS[state["metric"]].needs_contrast and contrast is None:
         raise ValueError("The logit difference needs a second answer: type a contrast completion.")
-    return TraceRequest(state["prompt"], noised, kwargs, {**kwargs, "noised": list(noised)})
+    settings = TraceSettings(
+        kind=kind,
+        noise=0.0 if replace else float(state["noise"] if noise is None else noise),
+        noise_mode=state["noise_mode"],
+        corruption=state["corruption"],
+        replacement=state["replacement"] if replace else None,
+        samples=int(state["samples"]),
+        seed=int(state["seed"]),
+        target=state["target"] or None,
+        contrast=contrast,
+        window=int(state["window"]),
+        convention=state["convention"],
+    )
+    return TraceRequest(state["prompt"], noised, settings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,7 +386,7 @@ def _trace_from(payload: Mapping[str, Any], card: Mapping[str, Any]) -> Trace | 
     return trace
 
 
-def load_run_card(data: bytes | str, lm=None) -> LoadedCard:
+def load_run_card(data: bytes | str, lm: "LoadedModel | None" = None) -> LoadedCard:
     """Read a JSON export (or a bare run card) back; ``RunCardError`` with a clear message when it
     is not JSON, not a run card, malformed, or from another model or revision than ``lm``."""
     try:

@@ -14,59 +14,40 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from .models import cache_root
+from .model.loading import cache_root
+from .settings import TraceSettings
+
+if TYPE_CHECKING:
+    from .model import LoadedModel
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _KEY = re.compile(r"^[0-9a-f]{64}$")
-SETTING_DEFAULTS: dict[str, Any] = {
-    "kind": "hidden",
-    "noise": 0.4,
-    "samples": 10,
-    "seed": 0,
-    "target": None,
-    "window": 10,
-    "corruption": "gaussian",
-    "noise_mode": "absolute",
-    "replacement": None,
-    "contrast": None,
-    "convention": "input",
-    "noised": None,
-}
-_FLOATS = ("noise",)
-_INTS = ("samples", "seed", "window")
 
 
 def canonical_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """Every trace setting with defaults filled in and types normalised (for stable keys)."""
-    unknown = set(settings) - set(SETTING_DEFAULTS)
-    if unknown:
-        raise ValueError(f"Unknown trace settings: {', '.join(sorted(unknown))}")
-    out = {**SETTING_DEFAULTS, **settings}
-    for name in _FLOATS:
-        out[name] = float(out[name])
-        if not math.isfinite(out[name]):
-            raise ValueError(f"{name} must be finite")
-    for name in _INTS:
-        out[name] = int(out[name])
-    if out["noised"] is None:
+    """Every trace setting (``TraceSettings``, defaults filled in, validated and normalised), the
+    sorted noised positions and, when not every row is computed, the sorted ``rows``: the stable
+    form that keys are made of."""
+    if settings.get("noised") is None:
         raise ValueError("settings need the noised token indices ('noised')")
-    out["noised"] = sorted({int(i) for i in out["noised"]})
-    for name in ("target", "contrast"):
-        if isinstance(out[name], (np.integer, bool)):
-            out[name] = int(out[name])
+    whole = {k: int(v) for k, v in settings.items()
+             if k in ("samples", "seed", "window") and isinstance(v, float) and v.is_integer()}
+    out = TraceSettings.from_dict({**settings, **whole}).to_dict()
+    out["noised"] = sorted({int(i) for i in settings["noised"]})
+    if settings.get("rows") is not None:
+        out["rows"] = sorted({int(i) for i in settings["rows"]})
     return out
 
 
@@ -83,7 +64,7 @@ def default_root() -> Path:
     return Path(os.environ.get("CAUSAL_TRACING_RESULTS") or cache_root() / "results")
 
 
-def model_identity(lm) -> dict[str, str]:
+def model_identity(lm: "LoadedModel") -> dict[str, str]:
     """What identifies a model's numbers: name, revision and dtype."""
     return {
         "name": str(getattr(lm, "name", "")),
@@ -92,7 +73,7 @@ def model_identity(lm) -> dict[str, str]:
     }
 
 
-def result_key(lm, prompt: str, settings: dict[str, Any]) -> str:
+def result_key(lm: "LoadedModel", prompt: str, settings: dict[str, Any]) -> str:
     """sha256 hex key of (model identity, prompt, canonical settings, store format)."""
     payload = {
         "format": FORMAT_VERSION,
@@ -129,7 +110,7 @@ class ResultStore:
 
     # -- keys and paths -------------------------------------------------------------------------
 
-    def key(self, lm, prompt: str, settings: dict[str, Any]) -> str:
+    def key(self, lm: "LoadedModel", prompt: str, settings: dict[str, Any]) -> str:
         """The key of a trace of ``prompt`` on ``lm`` with ``settings`` (see ``result_key``)."""
         return result_key(lm, prompt, settings)
 

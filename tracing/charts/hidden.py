@@ -5,41 +5,14 @@ from __future__ import annotations
 import altair as alt
 import pandas as pd
 
-from .hidden import COMBINED, COMBINED_LABEL, MEASURE_HELP, MEASURES, LogitLens
-
-from .prompts import CATEGORIES
+from ..hidden import MEASURE_HELP, MEASURES, LogitLens
+from .style import LINE_LEGEND, ellipsis, group_label, group_scale, quote_token, show_token
 
 SPREADS = {"std": "± 1 standard deviation", "sem": "± 1 standard error", "none": "no band"}
-GROUP_ORDER = [COMBINED, "non_english", "plain_english", "semantic"]
 BOUNDS = {"norm": (0.0, None), "step": (0.0, None), "cosine": (-1.0, 1.0),
           "step_cosine": (-1.0, 1.0), "target_prob": (0.0, 1.0)}
 Y_TITLES = {"norm": "|h(l)|", "cosine": "cos(h(l), h(l+1))", "step": "|h(l+1) − h(l)|",
             "step_cosine": "cos(step l−1, step l)", "target_prob": "p(expected)"}
-
-
-def group_label(group: str) -> str:
-    """Display name of a category or of the combined regurgitation group."""
-    return COMBINED_LABEL if group == COMBINED else CATEGORIES.get(group, group)
-
-
-VISIBLE = {" ": "␣", "\n": "↵", "\t": "⇥"}
-
-
-def show_token(token: str) -> str:
-    """A token with visible whitespace (" Paris" -> "␣Paris"), other invisible characters escaped
-    (no-break space -> "\\xa0") and "∅" for an empty token."""
-    shown = "".join(VISIBLE.get(c) or (c if c.isprintable() else _escape(c)) for c in token)
-    return shown or "∅"
-
-
-def _escape(char: str) -> str:
-    code = ord(char)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
-def quote_token(token: str) -> str:
-    """A token in quotes for titles and captions: " Paris" -> '" Paris"'."""
-    return '"' + token.replace("\n", "\\n").replace("\t", "\\t") + '"'
 
 
 def _labelled(frame: pd.DataFrame) -> pd.DataFrame:
@@ -49,11 +22,9 @@ def _labelled(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _color(groups: list[str]) -> alt.Color:
-    order = [g for g in GROUP_ORDER if g in groups] + sorted(set(groups) - set(GROUP_ORDER))
-    return alt.Color("category:N", sort=[group_label(g) for g in order],
-                     scale=alt.Scale(scheme="category10"),
-                     legend=alt.Legend(title="Prompt type", symbolType="stroke",
-                                       symbolStrokeWidth=3, symbolOpacity=1))
+    labels, scale = group_scale(groups)
+    return alt.Color("category:N", sort=labels, scale=scale,
+                     legend=alt.Legend(title="Prompt type", **LINE_LEGEND))
 
 
 def _measure_chart(summary: pd.DataFrame, prompts: pd.DataFrame | None, measure: str,
@@ -160,16 +131,11 @@ def lens_heatmap(lens: LogitLens, cell_width: int = 124, row_height: int = 20) -
         tooltip=tooltip)
     title = alt.TitleParams(
         f"Logit lens: top {k} next tokens at each layer",
-        subtitle=[f"Prompt: {_ellipsis(lens.prompt, 90)}",
+        subtitle=[f"Prompt: {ellipsis(lens.prompt, 90)}",
                   f"Red box: the target {quote_token(lens.target)}. ␣ marks a space."],
         anchor="start")
     return alt.layer(cells, marked, text).properties(
         width=cell_width * k, height=row_height * n, title=title)
-
-
-def _ellipsis(text: str, limit: int) -> str:
-    text = text.replace("\n", "↵")
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 CURVE_SCALES = {"linear": "probability", "log": "probability, log scale", "rank": "rank, log scale"}

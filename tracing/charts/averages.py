@@ -6,16 +6,10 @@ from __future__ import annotations
 import altair as alt
 import pandas as pd
 
-from .batch import ROWS, group_label
-from .prompts import CATEGORIES
+from ..batch import ROWS
+from .style import RAMPS, TOKEN_COLOURS, group_label, group_scale
 
-PALETTE = "purples"
-CATEGORY_COLOURS = {
-    CATEGORIES["non_english"]: "#1b9e77",
-    CATEGORIES["plain_english"]: "#d95f02",
-    CATEGORIES["semantic"]: "#7570b3",
-    group_label("regurgitation"): "#e7298a",
-}
+ROW_COLOURS = [TOKEN_COLOURS["noised"], TOKEN_COLOURS["final"]]  # in ROWS order
 
 
 def _titled(averages: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -37,7 +31,7 @@ def heatmap_chart(averages: pd.DataFrame, width: int = 260) -> alt.FacetChart:
             y=alt.Y("row:N", sort=list(ROWS), title=None),
             color=alt.Color(
                 "mean:Q", title="normalised p",
-                scale=alt.Scale(scheme=PALETTE, domain=[0, 1], clamp=True),
+                scale=alt.Scale(range=RAMPS["hidden"], domain=[0, 1], clamp=True, interpolate="lab"),
             ),
             tooltip=[
                 alt.Tooltip("label:N", title="category"), alt.Tooltip("row:N"), alt.Tooltip("layer:Q"),
@@ -59,7 +53,7 @@ def line_chart(averages: pd.DataFrame, spread: str = "sem", width: int = 260) ->
     data["lo"] = data["mean"] - data[spread]
     data["hi"] = data["mean"] + data[spread]
     colour = alt.Color("row:N", sort=list(ROWS), title="restored token",
-                       scale=alt.Scale(range=["#54278f", "#e6550d"]))
+                       scale=alt.Scale(range=ROW_COLOURS))
     base = alt.Chart().encode(x=alt.X("layer:Q", title="layer"), color=colour)
     band = base.mark_area(opacity=0.2).encode(y=alt.Y("lo:Q", title="normalised p"), y2="hi:Q")
     line = base.mark_line(point=alt.OverlayMarkDef(size=12)).encode(
@@ -81,8 +75,8 @@ def scatter_chart(table: pd.DataFrame, x: str = "token_distance") -> alt.Chart:
     if x not in titles:
         raise ValueError(f"x must be one of {', '.join(titles)}")
     data = table.dropna(subset=["transition_layer"]).copy()
-    data["category label"] = [CATEGORIES.get(c, c) for c in data["category"]]
-    present = [label for label in CATEGORY_COLOURS if label in set(data["category label"])]
+    data["category label"] = [group_label(c) for c in data["category"]]
+    present, colours = group_scale(data["category"])
     layers = int(table["n_layers"].max()) if table["n_layers"].notna().any() else None
     y_scale = alt.Scale(domain=[0, layers - 1]) if layers else alt.Undefined
     return (
@@ -92,7 +86,7 @@ def scatter_chart(table: pd.DataFrame, x: str = "token_distance") -> alt.Chart:
             x=alt.X(f"{x}:Q", title=titles[x]),
             y=alt.Y("transition_layer:Q", title="transition layer", scale=y_scale),
             color=alt.Color("category label:N", title="category",
-                            scale=alt.Scale(domain=present, range=[CATEGORY_COLOURS[p] for p in present])),
+                            scale=colours),
             tooltip=["prompt:N", "target:N", "category label:N", "transition_layer:Q",
                      "token_distance:Q", alt.Tooltip("clean_prob:Q", format=".3f")],
         )

@@ -13,12 +13,15 @@ import contextlib
 import contextvars
 import sys
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+if TYPE_CHECKING:
+    from .loading import LoadedModel
 
 ATTENTION_IMPLEMENTATION = "causal_tracing"
 
@@ -103,7 +106,7 @@ class BlockContext:
 class Runner:
     """Runs a loaded model block by block. Cheap to build; holds no state on the model."""
 
-    def __init__(self, lm) -> None:
+    def __init__(self, lm: "LoadedModel") -> None:
         self.lm = lm
         self.adapter = lm.adapter
         model = lm.model

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from .loading import LoadedModel
 
-def tokenize(lm, prompt: str) -> list[int]:
+
+def tokenize(lm: "LoadedModel", prompt: str) -> list[int]:
     """Token ids of a prompt (the tokenizer's default special tokens), with clear errors for
     an empty prompt or one longer than the model's context."""
     if not isinstance(prompt, str) or not prompt.strip():
@@ -22,12 +25,12 @@ def tokenize(lm, prompt: str) -> list[int]:
     return ids
 
 
-def token_strings(lm, ids: Sequence[int]) -> list[str]:
+def token_strings(lm: "LoadedModel", ids: Sequence[int]) -> list[str]:
     """Each token decoded on its own."""
     return [lm.tokenizer.decode([int(i)]) for i in ids]
 
 
-def completion_token(lm, prompt: str | None, completion: str, what: str = "completion") -> int:
+def completion_token(lm: "LoadedModel", prompt: str | None, completion: str, what: str = "completion") -> int:
     """The first token of ``completion`` as tokenized right after ``prompt`` (include its leading
     space, e.g. " Paris"); the completion tokenized alone when the two merge across the boundary."""
     if not isinstance(completion, str) or completion == "":
@@ -43,7 +46,7 @@ def completion_token(lm, prompt: str | None, completion: str, what: str = "compl
     return int(alone[0])
 
 
-def answer_token(lm, answer: int | str, what: str = "target", prompt: str | None = None) -> int:
+def answer_token(lm: "LoadedModel", answer: int | str, what: str = "target", prompt: str | None = None) -> int:
     """A token id from an id, or from a completion string (its first token after ``prompt``)."""
     vocab = lm.model.get_submodule(lm.adapter.unembed).weight.shape[0]
     if isinstance(answer, (int, np.integer)) and not isinstance(answer, bool):
@@ -55,7 +58,23 @@ def answer_token(lm, answer: int | str, what: str = "target", prompt: str | None
     raise ValueError(f"The {what} must be a token id or a completion string, not {type(answer).__name__}.")
 
 
-def token_spans(lm, prompt: str, ids: Sequence[int] | None = None) -> list[tuple[int, int]]:
+def resolve_positions(positions: Sequence[int], n_tokens: int, what: str = "token position") -> list[int]:
+    """Absolute positions, in the order given; negative ones count from the end (-1 = the final
+    token). ValueError for none, non-integers or positions outside the prompt."""
+    if len(positions) == 0:
+        raise ValueError(f"No {what}s given: pick at least one.")
+    out = []
+    for p in positions:
+        if isinstance(p, bool) or not isinstance(p, (int, np.integer)):
+            raise ValueError(f"{what.capitalize()}s must be integers, not {p!r}.")
+        q = int(p) + n_tokens if p < 0 else int(p)
+        if not 0 <= q < n_tokens:
+            raise ValueError(f"{what.capitalize()} {int(p)} is out of range: the prompt has {n_tokens} tokens.")
+        out.append(q)
+    return out
+
+
+def token_spans(lm: "LoadedModel", prompt: str, ids: Sequence[int] | None = None) -> list[tuple[int, int]]:
     """Character span of each token (offsets if the tokenizer has them, else prefix decoding)."""
     ids = list(ids) if ids is not None else tokenize(lm, prompt)
     try:
@@ -72,7 +91,7 @@ def token_spans(lm, prompt: str, ids: Sequence[int] | None = None) -> list[tuple
     return spans
 
 
-def subject_positions(lm, prompt: str, subject: str, which: str = "all") -> list[int]:
+def subject_positions(lm: "LoadedModel", prompt: str, subject: str, which: str = "all") -> list[int]:
     """Indices of the tokens covering the first occurrence of ``subject`` in ``prompt``.
 
     ``which="last"`` returns only the last of them (the seed study's single noised token).

@@ -20,21 +20,13 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from .causal import Trace, handover_layer
+from ..analysis import followed_token, transition_layer
+from ..causal import Trace
+from ..settings import lower_is_better
+from .style import (KIND_LABELS, RAMPS, SHORT_KIND, TOKEN_COLOURS, ellipsis, pad, quote_token, show_token,
+                    token_labels as style_token_labels)
 
-PALETTES = {"hidden": "purples", "mlp": "greens", "attn": "reds"}
-# ColorBrewer / matplotlib ramps (ROME's cmaps), from white: Vega's own schemes start tinted.
-RAMPS = {
-    "hidden": ["#fcfbfd", "#efedf5", "#dadaeb", "#bcbddc", "#9e9ac8", "#807dba", "#6a51a3",
-               "#54278f", "#3f007d"],
-    "mlp": ["#f7fcf5", "#e5f5e0", "#c7e9c0", "#a1d99b", "#74c476", "#41ab5d", "#238b45",
-            "#006d2c", "#00441b"],
-    "attn": ["#fff5f0", "#fee0d2", "#fcbba1", "#fc9272", "#fb6a4a", "#ef3b2c", "#cb181d",
-             "#a50f15", "#67000d"],
-}
-KIND_LABELS = {"hidden": "hidden state", "mlp": "MLP", "attn": "attention"}
-LOWER_IS_BETTER = {"kl"}
-ROW_COLORS = {"noised token": "#e6550d", "final token": "#3182bd"}
+ROW_COLORS = {"noised token": TOKEN_COLOURS["noised"], "final token": TOKEN_COLOURS["final"]}
 CELL_WIDTH = 21
 CELL_HEIGHT = 24
 PLOT_BUDGET = 760  # px of plot width that composite charts spread over their panels
@@ -45,20 +37,9 @@ MAX_TITLE = 90
 # Labels
 
 
-def show_token(token: str) -> str:
-    """A token with visible whitespace: " Paris" -> "␣Paris"."""
-    return token.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥") or "∅"
-
-
-def quote_token(token: str) -> str:
-    """A token in double quotes with escaped newlines: " Paris" -> '" Paris"'."""
-    return '"' + token.replace("\n", "\\n").replace("\t", "\\t") + '"'
-
-
 def token_labels(trace: Trace) -> list[str]:
     """One unique label per token: its index, the token, and ``*`` when it is noised."""
-    noised = set(trace.noised)
-    return [f"{i} {show_token(t)}{'*' if i in noised else ''}" for i, t in enumerate(trace.tokens)]
+    return style_token_labels(trace.tokens, trace.noised)
 
 
 def contrast_label(trace: Trace) -> str:
@@ -104,17 +85,12 @@ def noise_text(trace: Trace) -> str:
     s = trace.settings
     corruption = s.get("corruption", "gaussian")
     if corruption == "replace":
-        return f"tokens replaced by {_ellipsis(str(s.get('replacement')), 40)!r}"
+        return f"tokens replaced by {ellipsis(str(s.get('replacement')), 40)!r}"
     level = f"{s.get('noise', 0):g}"
     if s.get("noise_mode") == "sigma":
         level = f"{level} × embedding σ = {trace.noise_std:.3g}"
     name = "uniform noise ±" if corruption == "uniform" else "Gaussian noise σ = "
     return f"{name}{level}, {s.get('samples')} samples, seed {s.get('seed')}"
-
-
-def _ellipsis(text: str, limit: int) -> str:
-    text = text.replace("\n", "↵")
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +121,7 @@ def metric_domain(traces: Sequence[Trace], metric: str) -> list[float]:
     """Colour domain shared by ``traces``: from the corrupted run's value to the best cell."""
     lows = [trace.metric_bounds(metric)[0] for trace in traces]
     values = np.concatenate([trace.metric(metric).ravel() for trace in traces])
-    if metric in LOWER_IS_BETTER:
+    if lower_is_better(metric):
         low, high = float(np.nanmin(values)), float(max(lows))
     else:
         low, high = float(min(lows)), float(np.nanmax(values))
@@ -160,7 +136,7 @@ def metric_domain(traces: Sequence[Trace], metric: str) -> list[float]:
 
 def color_scale(kind: str, metric: str, domain: Sequence[float]) -> alt.Scale:
     """The kind's ramp (white = the corrupted run's value) spread over ``domain``, clamped."""
-    ramp = RAMPS[kind][::-1] if metric in LOWER_IS_BETTER else RAMPS[kind]
+    ramp = RAMPS[kind][::-1] if lower_is_better(metric) else RAMPS[kind]
     stops = np.linspace(float(domain[0]), float(domain[1]), len(ramp)).tolist()
     return alt.Scale(domain=stops, range=ramp, clamp=True, interpolate="lab")
 
@@ -190,15 +166,9 @@ def _tooltip(trace: Trace, metric: str) -> list[alt.Tooltip]:
     return tips
 
 
-def _pad(chart: alt.TopLevelMixin) -> alt.TopLevelMixin:
-    """Natural size (the plot gets its width and height; titles and legends add to them): Streamlit
-    otherwise squeezes everything into the width and height ("fit")."""
-    return chart.properties(autosize=alt.AutoSizeParams(type="pad", contains="padding"))
-
-
 def heatmap(trace: Trace, metric: str = "prob", **options) -> alt.Chart:
     """ROME-style heatmap of one trace in one metric (options: see ``heatmap_layer``)."""
-    return _pad(heatmap_layer(trace, metric, **options))
+    return pad(heatmap_layer(trace, metric, **options))
 
 
 def heatmap_layer(trace: Trace, metric: str = "prob", *, domain: Sequence[float] | None = None,
@@ -212,7 +182,7 @@ def heatmap_layer(trace: Trace, metric: str = "prob", *, domain: Sequence[float]
     domain = domain or metric_domain([trace], metric)
     low, high = trace.metric_bounds(metric)
     if subtitle is None:
-        subtitle = [f"{_ellipsis(trace.prompt, MAX_TITLE)}  ·  * = noised",
+        subtitle = [f"{ellipsis(trace.prompt, MAX_TITLE)}  ·  * = noised",
                     f"{noise_text(trace)}  ·  corrupted {low:.4g}, clean {high:.4g}"]
     width = cell_width * trace.n_layers
     y = alt.Y("label:N", sort=token_labels(trace), title=None,
@@ -231,9 +201,6 @@ def heatmap_layer(trace: Trace, metric: str = "prob", *, domain: Sequence[float]
                               subtitleColor="#555"))
 
 
-SHORT_KIND = {"hidden": "Hidden states", "mlp": "MLP outputs", "attn": "Attention outputs"}
-
-
 def kinds_side_by_side(traces: Mapping[str, Trace], metric: str = "prob") -> alt.HConcatChart:
     """Hidden, MLP and attention traces next to each other, each on its own palette."""
     first = next(iter(traces.values()))
@@ -245,10 +212,10 @@ def kinds_side_by_side(traces: Mapping[str, Trace], metric: str = "prob") -> alt
             trace, metric, title=SHORT_KIND[trace.kind] + window, subtitle=[], legend_bottom=True,
             y_labels=i == 0, x_title="layer" if trace.kind == "hidden" else "centre layer",
             cell_width=width, cell_height=CELL_HEIGHT - 4))
-    return _pad(alt.hconcat(*charts).resolve_scale(color="independent")).properties(
+    return pad(alt.hconcat(*charts).resolve_scale(color="independent")).properties(
         title=alt.TitleParams(
             "Restoring hidden states, MLP outputs and attention outputs",
-            subtitle=[f"{_ellipsis(first.prompt, MAX_TITLE)}  ·  * = noised", noise_text(first)],
+            subtitle=[f"{ellipsis(first.prompt, MAX_TITLE)}  ·  * = noised", noise_text(first)],
             anchor="start", subtitleColor="#555"))
 
 
@@ -272,10 +239,10 @@ def noise_sweep(traces: Mapping[float, Trace], metric: str = "prob",
             x_title="layer", cell_width=width, cell_height=CELL_HEIGHT - 4))
     rows = [alt.hconcat(*panels[i:i + per_row]) for i in range(0, len(panels), per_row)]
     first = ordered[0]
-    return _pad(alt.vconcat(*rows).resolve_scale(color="shared")).properties(
+    return pad(alt.vconcat(*rows).resolve_scale(color="shared")).properties(
         title=alt.TitleParams(
             f"{kind_title(first)} at several noise levels (one colour scale)",
-            subtitle=[_ellipsis(first.prompt, MAX_TITLE) + "  ·  * = noised",
+            subtitle=[ellipsis(first.prompt, MAX_TITLE) + "  ·  * = noised",
                       f"{first.settings.get('samples')} samples, seed {first.settings.get('seed')}"],
             anchor="start", subtitleColor="#555"))
 
@@ -284,33 +251,13 @@ def noise_sweep(traces: Mapping[float, Trace], metric: str = "prob",
 # Noised token vs final token
 
 
-def strongest_noised(trace: Trace, metric: str = "prob") -> int:
-    """The noised token (not the final one) whose restoration helps most on average."""
-    candidates = [i for i in trace.noised if i != len(trace.tokens) - 1]
-    if not candidates:
-        raise ValueError("Only the final token is noised: there is no noised token to compare.")
-    means = trace.metric(metric)[candidates].mean(axis=1)
-    return candidates[int(means.argmin() if metric in LOWER_IS_BETTER else means.argmax())]
-
-
-def transition_layer(trace: Trace, metric: str = "prob", token: int | None = None) -> int | None:
-    """The trace's ``handover_layer``: first layer from which restoring the final token beats
-    restoring the noised token at every later layer; None when it never does, or when the final
-    token is itself noised. ``token`` defaults to the strongest noised token (``strongest_noised``)."""
-    if trace.last_token_noised or not trace.noised:
-        return None
-    values = trace.metric(metric)
-    noised = values[strongest_noised(trace, metric) if token is None else token]
-    return handover_layer(noised, values[-1], metric in LOWER_IS_BETTER)
-
-
 def compact_frame(trace: Trace, metric: str = "prob") -> pd.DataFrame:
     """Rows of the noised tokens and the final token, long: row, label, token_index, token, layer,
     value, prob. ``row`` is "noised token" for the strongest noised token, "final token" for the
     last one and "other noised token" for the rest."""
     values = trace.metric(metric)
     final = len(trace.tokens) - 1
-    strongest = strongest_noised(trace, metric)
+    strongest = followed_token(trace, metric)
     parts = []
     for index in [i for i in trace.noised if i != final] + [final]:
         row = ("final token" if index == final else
@@ -345,10 +292,10 @@ def compact(trace: Trace, metric: str = "prob", width: int | None = None) -> alt
     said = (f"transition at layer {layer}" if layer is not None
             else "no transition: restoring the final token never wins for good")
     heading = alt.TitleParams(f"Noised token vs final token ({KIND_LABELS[trace.kind]})",
-                              subtitle=[_ellipsis(trace.prompt, MAX_TITLE),
+                              subtitle=[ellipsis(trace.prompt, MAX_TITLE),
                                         f"{noise_text(trace)}  ·  {said} (against {strongest})"],
                               anchor="start", subtitleColor="#555")
-    return _pad(alt.vconcat(cells, lines).resolve_scale(color="independent")).properties(title=heading)
+    return pad(alt.vconcat(cells, lines).resolve_scale(color="independent")).properties(title=heading)
 
 
 def _compact_lines(data: pd.DataFrame, trace: Trace, metric: str, layer: int | None,
@@ -377,26 +324,7 @@ def _compact_lines(data: pd.DataFrame, trace: Trace, metric: str, layer: int | N
     return alt.layer(*layers).properties(width=width, height=170)
 
 
-# ---------------------------------------------------------------------------------------------
-# Export
-
-
-def to_png(chart: alt.TopLevelMixin, scale: float = 2) -> bytes:
-    """PNG bytes of a chart (vl-convert)."""
-    import vl_convert as vlc
-
-    return vlc.vegalite_to_png(chart.to_json(), scale=scale)
-
-
-def to_svg(chart: alt.TopLevelMixin) -> str:
-    """SVG text of a chart (vl-convert)."""
-    import vl_convert as vlc
-
-    return vlc.vegalite_to_svg(chart.to_json())
-
-
 __all__ = [
-    "PALETTES", "compact", "compact_frame", "heatmap", "kinds_side_by_side",
-    "metric_domain", "metric_title", "noise_sweep", "to_png", "to_svg", "token_labels",
-    "trace_frame", "transition_layer",
+    "compact", "compact_frame", "heatmap", "heatmap_layer", "kinds_side_by_side", "metric_domain",
+    "metric_title", "noise_sweep", "token_labels", "trace_frame",
 ]

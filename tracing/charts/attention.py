@@ -6,17 +6,12 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from .attention import TARGET_LABELS, TARGETS
+from ..attention import TARGET_LABELS, TARGETS
 
-try:  # display names of the prompt-set categories
-    from .prompts import CATEGORIES
-except ImportError:  # pragma: no cover
-    CATEGORIES = {}
+from .style import LINE_LEGEND, TOKEN_COLOURS, group_label, group_scale
 
 LOG_FLOOR = 1e-4  # attention weights below this are drawn at the floor on log scales
-TARGET_COLORS = {"first": "#1f77b4", "noised": "#d62728", "final": "#2ca02c"}
 SCALES = {"linear": "linear", "log": "log"}
-LINE_LEGEND = dict(symbolType="stroke", symbolStrokeWidth=3, symbolOpacity=1)
 
 
 MAX_ROWS = 4800  # Altair refuses to embed more than 5000 rows
@@ -40,8 +35,6 @@ TOKEN_AXIS = alt.Axis(labelAngle=-50, labelOverlap=False, labelLimit=140)
 PAD = alt.AutoSizeParams(type="pad")  # width/height are the plot area (Streamlit would fit the whole chart)
 
 
-def category_label(category: str) -> str:
-    return CATEGORIES.get(category, str(category))
 
 
 def _y_scale(scale: str, zero_ok: bool = True) -> alt.Scale:
@@ -60,13 +53,13 @@ def _floored(frame: pd.DataFrame, columns: list[str], scale: str) -> pd.DataFram
 
 def _with_labels(summary: pd.DataFrame) -> pd.DataFrame:
     out = summary.copy()
-    out["prompt type"] = out["category"].map(category_label)
+    out["prompt type"] = out["category"].map(group_label)
     out["attention to"] = out["target"].map(TARGET_LABELS)
     return out
 
 
 def _category_sort(summary: pd.DataFrame) -> list[str]:
-    return [category_label(c) for c in dict.fromkeys(summary["category"])]
+    return group_scale(summary["category"])[0]
 
 
 def layer_lines(summary: pd.DataFrame, scale: str = "linear", width: int = 300, height: int = 260) -> alt.Chart:
@@ -74,7 +67,7 @@ def layer_lines(summary: pd.DataFrame, scale: str = "linear", width: int = 300, 
     data = _floored(_with_labels(summary), ["mean", "q25", "q75"], scale)
     color = alt.Color("attention to:N", sort=[TARGET_LABELS[t] for t in TARGETS],
                       scale=alt.Scale(domain=[TARGET_LABELS[t] for t in TARGETS],
-                                      range=[TARGET_COLORS[t] for t in TARGETS]),
+                                      range=[TOKEN_COLOURS[t] for t in TARGETS]),
                       legend=alt.Legend(title="Final token's attention to", orient="top", **LINE_LEGEND))
     x = alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1))
     y_title = "attention weight (mean over heads and prompts)" + (" · log" if scale == "log" else "")
@@ -99,7 +92,7 @@ def category_lines(summary: pd.DataFrame, target: str, scale: str = "linear", wi
                    height: int = 280) -> alt.Chart:
     """One target, categories overlaid: mean attention against layer with IQR bands."""
     data = _floored(_with_labels(summary[summary["target"] == target]), ["mean", "q25", "q75"], scale)
-    color = alt.Color("prompt type:N", sort=_category_sort(summary), scale=alt.Scale(scheme="category10"),
+    color = alt.Color("prompt type:N", sort=_category_sort(summary), scale=group_scale(summary["category"])[1],
                       legend=alt.Legend(title="Prompt type", orient="top", **LINE_LEGEND))
     base = alt.Chart(data).encode(x=alt.X("layer:Q", axis=alt.Axis(tickMinStep=1)), color=color)
     band = base.mark_area(opacity=0.12).encode(y=alt.Y("q25:Q", scale=_y_scale(scale)), y2="q75:Q")
@@ -133,7 +126,7 @@ def head_grids(heads: pd.DataFrame, scale: str = "linear", selection: alt.Parame
                cell: int = 13) -> alt.Chart:
     """Layers x heads heatmaps of mean attention to one target, one panel per category, shared colours."""
     target = heads["target"].iloc[0]
-    data = _floored(heads.assign(**{"prompt type": heads["category"].map(category_label)}), ["mean"], scale)
+    data = _floored(heads.assign(**{"prompt type": heads["category"].map(group_label)}), ["mean"], scale)
     n_layers, n_heads = int(heads["layer"].max()) + 1, int(heads["head"].max()) + 1
     chart = alt.Chart(data).mark_rect().encode(
         x=alt.X("head:O", title="head"),
@@ -157,7 +150,7 @@ def difference_grid(diff: pd.DataFrame, a: str, b: str, selection: alt.Parameter
     """Layers x heads heatmap of mean attention in category ``a`` minus ``b`` (diverging colours)."""
     target = diff["target"].iloc[0]
     bound = float(np.nanmax(np.abs(diff["difference"]))) or 1e-6
-    la, lb = category_label(a), category_label(b)
+    la, lb = group_label(a), group_label(b)
     data = diff.rename(columns={"mean_a": "mean A", "mean_b": "mean B"})
     n_layers, n_heads = int(diff["layer"].max()) + 1, int(diff["head"].max()) + 1
     chart = alt.Chart(data).mark_rect().encode(
@@ -175,14 +168,14 @@ def difference_grid(diff: pd.DataFrame, a: str, b: str, selection: alt.Parameter
 
 def per_prompt_strip(values: pd.DataFrame, title: str) -> alt.Chart:
     """Every prompt's value as a dot, one row per category; mean as a tick."""
-    data = values.assign(**{"prompt type": values["category"].map(category_label)})
+    data = values.assign(**{"prompt type": values["category"].map(group_label)})
     sort = _category_sort(values)
     y = alt.Y("prompt type:N", sort=sort, title=None, axis=alt.Axis(labelLimit=260))
     dots = alt.Chart(data).mark_circle(size=60, opacity=0.7).encode(
         x=alt.X("attention:Q", title="attention weight"),
         y=y,
         yOffset=alt.YOffset("jitter:Q"),
-        color=alt.Color("prompt type:N", sort=sort, legend=None, scale=alt.Scale(scheme="category10")),
+        color=alt.Color("prompt type:N", sort=sort, legend=None, scale=group_scale(values["category"])[1]),
         tooltip=["prompt type:N", "prompt:N", "subject:N", alt.Tooltip("attention:Q", format=".4f")],
     ).transform_calculate(jitter="(random() - 0.5) * 16")
     means = alt.Chart(data).mark_tick(color="black", thickness=2, size=26).encode(
