@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -23,6 +24,7 @@ from tracing.causal import Trace, TraceCancelled, causal_trace, embedding_sigma
 from tracing.charts import style
 from tracing.charts import trace as charts
 from tracing.model.tokens import answer_token, token_strings, tokenize
+from tracing.preview import Refinement, preview_trace
 from tracing.settings import (CONVENTIONS, CORRUPTIONS, INTERACTIVE, KINDS, METRICS, NOISE_MODES,
                               NOISE_RANGE, SAMPLES_RANGE, SEED_RANGE, WINDOW_RANGE, lower_is_better)
 
@@ -30,6 +32,7 @@ STATE = "trace_state"  # the page state (TraceState), kept across page switches
 SHOWN = "trace_shown"  # the last good result: dict(traces, state, model, source, seconds)
 CACHE = "trace_cache"  # this session's traces by key (OrderedDict)
 STOPPED = "trace_stopped"  # key of the computation the user stopped
+LIVE_REDRAW_S = 1.5  # least seconds between two redraws of the live heatmap (each costs the browser)
 CARD_MSG = "trace_card_message"  # (kind, text) about the last loaded run card
 SESSION_ITEMS = 64
 W = {name: f"trace_{name}" for name in runcard.DEFAULTS}  # widget keys
@@ -315,21 +318,44 @@ def _resume() -> None:
 
 
 def compute(lm: tracing.LoadedModel, request: runcard.TraceRequest, key: str, label: str,
-            slot: str) -> Trace:
-    """Run one trace with a progress bar and a Stop button; raises TraceCancelled when stopped."""
+            slot: str, metric: str) -> Trace:
+    """Run one trace live: the approximate preview at once, then exact rows replacing it as they
+    are computed, with a progress bar and a Stop button; raises TraceCancelled when stopped (a
+    new setting interrupts the run the same way). Only the exact trace is returned."""
     def stop_button(box: Any) -> None:
         box.button("Stop", key=f"trace_stop_{slot}", on_click=_stop, args=(key,),
                    icon=":material/stop_circle:", help="Stop this trace (the last result stays).")
 
+    live = st.empty()  # the live picture; the results below replace it when the trace is exact
+    with st.spinner("Preview…"):
+        refinement = Refinement(preview_trace(lm, request.prompt, request.noised,
+                                              settings=request.trace_settings))
+    shown_metric = metric if metric in refinement.metrics or metric == "normalised" else "prob"
+    drawn = [0.0]
+
+    def draw(force: bool = False) -> None:
+        if force or time.perf_counter() - drawn[0] > LIVE_REDRAW_S:
+            live.altair_chart(charts.heatmap(refinement.trace, shown_metric, exact=refinement.exact),
+                              width="content")
+            drawn[0] = time.perf_counter()
+
+    def on_rows(block: Any) -> None:
+        refinement.add(block)
+        draw()
+
+    draw(force=True)
     rows = 8 * max(1, int(request.kwargs["samples"])) * max(1, len(lm.tokenizer(request.prompt)["input_ids"]))
-    with common.progress(f"{label}:", unit="%", first=f"{label}: clean and corrupted runs…",
+    with common.progress(f"{label}: exact rows replacing the preview", unit="%",
+                         first=f"{label}: clean and corrupted runs…",
                          stopped=lambda: st.session_state.get(STOPPED) == key, below=stop_button) as update:
-        return causal_trace(lm, request.prompt, request.noised, progress=update,
-                            token_rows_per_batch=rows, settings=request.trace_settings)
+        trace = causal_trace(lm, request.prompt, request.noised, progress=update, on_rows=on_rows,
+                             token_rows_per_batch=rows, settings=request.trace_settings)
+    live.empty()
+    return trace
 
 
 def get_traces(lm: tracing.LoadedModel, requests: dict[str, runcard.TraceRequest],
-               slot: str = "main") -> tuple[dict[str, Trace], str] | None:
+               slot: str = "main", metric: str = "prob") -> tuple[dict[str, Trace], str] | None:
     """Traces of every request (cache first); None if stopped. Raises ValueError for bad input."""
     traces, sources = {}, []
     for i, (kind, request) in enumerate(requests.items()):
@@ -343,7 +369,7 @@ def get_traces(lm: tracing.LoadedModel, requests: dict[str, runcard.TraceRequest
             count = f" ({i + 1}/{len(requests)})" if len(requests) > 1 else ""
             label = f"Tracing {style.KIND_LABELS[kind]}{count}"
             try:
-                trace = compute(lm, request, key, label, f"{slot}_{kind}")
+                trace = compute(lm, request, key, label, f"{slot}_{kind}", metric)
             except TraceCancelled:
                 _stopped_note()
                 return None
@@ -587,7 +613,7 @@ def trace_now(lm: tracing.LoadedModel, state: TraceState, tokens, noised) -> boo
 
     def trace() -> dict | None:
         check_request(lm, state, len(tokens))
-        got = get_traces(lm, requests_for(lm, state))
+        got = get_traces(lm, requests_for(lm, state), metric=state.metric)
         if got is None:  # stopped
             return None
         traces, source = got

@@ -93,3 +93,42 @@ def test_slider_retraces_in_a_real_browser(server):
         png = _download(page, "PNG", server)
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
         browser.close()
+
+
+def test_slider_move_shows_the_preview_then_the_exact_trace(server):
+    """A slider step draws the approximate preview first (its mark in the chart title), then the
+    exact trace replaces it; the exact numbers shown equal ``causal_trace``. Prints how long the
+    preview took from the key press (measured, not asserted)."""
+    from playwright.sync_api import sync_playwright
+
+    import tracing
+
+    prompt, seed = "The Eiffel Tower is located in the city of", 4322
+    query = urlencode({"prompt": prompt, "subject": "Eiffel Tower", "samples": "2", "seed": str(seed),
+                       "noise": "0.4"})
+    with sync_playwright() as p:
+        browser = launch_chromium(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 2200})
+        page.goto(f"{server.url}/?{query}")
+        page.locator('[data-testid="stVegaLiteChart"]').first.wait_for(timeout=WAIT_S * 1000)
+        wait_idle(page, timeout=WAIT_S)
+        thumb = page.locator('[data-testid="stSlider"] input[type="range"]').first
+        thumb.focus()
+        pressed = time.perf_counter()
+        thumb.press("ArrowRight")  # 0.4 -> 0.41: a level never traced
+        mark = page.get_by_text("APPROXIMATE PREVIEW", exact=False).first
+        mark.wait_for(timeout=WAIT_S * 1000)
+        to_preview = time.perf_counter() - pressed
+        page.screenshot(path=str(ARTIFACTS / "trace_preview.png"))
+        mark.wait_for(state="detached", timeout=WAIT_S * 1000)
+        wait_idle(page, timeout=WAIT_S)
+        to_exact = time.perf_counter() - pressed
+        page.screenshot(path=str(ARTIFACTS / "trace_exact.png"))
+        best = float(_metric(page, "Best restoration"))
+        assert not page.locator('[data-testid="stException"]').count()
+        browser.close()
+    print(f"\nslider step -> preview on screen {to_preview:.2f} s, -> exact trace {to_exact:.2f} s")
+    lm = tracing.load_model(tracing.DEFAULT_MODEL)
+    noised = tracing.subject_positions(lm, prompt, "Eiffel Tower")
+    exact = tracing.causal_trace(lm, prompt, noised, samples=2, seed=seed, noise=0.41)
+    assert best == pytest.approx(float(exact.scores.max()), rel=1e-3)  # shown with 4 digits

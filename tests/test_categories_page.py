@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
+from factory import stand_in_trace
 from streamlit.testing.v1 import AppTest
 
 import tracing.causal
-from tracing.causal import Trace
 from tracing.prompts import load_prompt_set, shipped_sets
 from tracing.store import ResultStore
 
@@ -24,36 +23,12 @@ PAGE = "pages/categories.py"
 pytestmark = pytest.mark.slow
 
 
-def fake_trace(lm, prompt, noised, kind="hidden", noise=0.4, samples=10, seed=0, target=None,
-               window=10, progress=None, **kwargs) -> Trace:
-    """A trace whose noised row falls 1 -> 0 and final row rises 0 -> 1 over the layers."""
-    ids = lm.tokenizer(prompt)["input_ids"]
-    n, layers = len(ids), lm.n_layers
-    low, high = 0.1, 0.6
-    prob = np.full((n, layers), low)
-    ramp = np.linspace(0, 1, layers)
-    prob[noised[-1]] = high - (high - low) * ramp
-    prob[-1] = low + (high - low) * ramp
-    if progress is not None:
-        progress(0, 2)
-        progress(2, 2)
-    target = ids[-1] if target is None else target  # other pages ask for the top-1 token
-    target_text = lm.tokenizer.decode([target])
-    return Trace(
-        prompt=prompt, tokens=[lm.tokenizer.decode([i]) for i in ids], token_ids=list(ids), noised=list(noised),
-        kind=kind, convention="input", window=window, target_id=int(target), target=target_text,
-        metrics={"prob": prob}, metric_low={"prob": low}, metric_high={"prob": high},
-        settings={"noised": list(noised)}, sigma=None, noise_std=noise,
-        clean_top=[(target_text, high)], corrupted_top=[(target_text, low)],
-    )
-
-
 @pytest.fixture
 def fast_engine(monkeypatch, tmp_path):
     """The fake engine (the page hands ``tracing.causal.causal_trace``, looked up when the batch
     runs, to ``run_batch(trace=...)``) and an empty result store of this test's own."""
     monkeypatch.setenv("CAUSAL_TRACING_RESULTS", str(tmp_path / "results"))
-    monkeypatch.setattr(tracing.causal, "causal_trace", fake_trace)
+    monkeypatch.setattr(tracing.causal, "causal_trace", stand_in_trace)
     return tmp_path / "results"
 
 

@@ -110,3 +110,17 @@ def test_estimate_counts_the_planned_work(tiny):
     assert estimate.cells == (len(trace.tokens) - 1) * trace.n_layers - n_after
     compact = tracing.causal.estimate_trace(lm, EIFFEL, NOISED, samples=2, noise=0.45, rows="noised_final")
     assert compact.cells == 3 * trace.n_layers - 1 and compact.cost < estimate.cost  # final token: layer 0 too
+
+
+def test_max_chunk_work_bounds_the_work_between_progress_calls(tiny):
+    lm = tiny("gptj")
+    plain = causal_trace(lm, EIFFEL, NOISED, samples=2, noise=0.5)
+    calls: list[tuple[int, int]] = []
+    capped = causal_trace(lm, EIFFEL, NOISED, samples=2, noise=0.5, max_chunk_work=40,
+                          progress=lambda done, total: calls.append((done, total)))
+    steps = np.diff([done for done, _ in calls])
+    # one row costs samples x positions x blocks <= 2 x 9 x 3 = 54: a chunk is one row when it
+    # alone exceeds the cap, else within it
+    assert steps.max() <= 54 and (steps <= 40).mean() > 0.5 and len(calls) > 10
+    np.testing.assert_allclose(capped.scores, plain.scores, rtol=1e-5, atol=1e-7)
+    assert tracing.causal.chunk_work_for(lm, 0.4) >= 1

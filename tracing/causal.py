@@ -398,8 +398,19 @@ def _rows(kind: str, convention: str, n_layers: int, window: int) -> list[_Row]:
     return sorted(rows, key=lambda r: r.start)
 
 
-def _chunks(rows: list[_Row], per_chunk: int) -> list[list[_Row]]:
-    return [rows[i:i + per_chunk] for i in range(0, len(rows), per_chunk)]
+def _chunks(rows: list[_Row], per_chunk: int, cost: Callable[[_Row], int],
+            max_work: int | None = None) -> list[list[_Row]]:
+    """Consecutive groups of at most ``per_chunk`` rows and, when ``max_work`` is given, at most
+    that much work (block-positions) each; every group has at least one row."""
+    chunks: list[list[_Row]] = []
+    work = 0
+    for row in rows:
+        if not chunks or len(chunks[-1]) >= per_chunk or (max_work is not None and work + cost(row) > max_work):
+            chunks.append([])
+            work = 0
+        chunks[-1].append(row)
+        work += cost(row)
+    return chunks
 
 
 def _trace_token(
@@ -550,6 +561,7 @@ def causal_trace(
     rows: str | Sequence[int] | None = None,
     on_rows: RowsCallback | None = None,
     token_rows_per_batch: int = TOKEN_ROWS_PER_BATCH,
+    max_chunk_work: int | None = None,
 ) -> Trace:
     """Trace how much restoring each (token, layer) cell of ``prompt`` brings back p(target)
     when the tokens at ``noised`` are corrupted.
@@ -560,7 +572,9 @@ def causal_trace(
     [n_tokens, n_layers]; raises ``ValueError`` for bad input and :class:`TraceCancelled` when
     ``progress(done, total)`` returns False (asked after every chunk of cells; ``done`` and
     ``total`` count block-positions of work, so their ratio is an honest fraction of the time).
-    ``rows``: which token rows to compute (``resolve_rows``; the others are NaN, not faked).
+    ``max_chunk_work`` caps the work between two ``progress`` calls (block-positions; see
+    ``chunk_work_for``), so that a cancel takes effect quickly; chunking changes numbers only at
+    float rounding. ``rows``: which token rows to compute (``resolve_rows``; the others are NaN, not faked).
     ``on_rows(RowBlock)`` receives every computed cell exactly once as
     soon as it is known (``token_order``: noised tokens and the final token first); the result is
     the same, bit for bit, with or without it.
@@ -575,7 +589,7 @@ def causal_trace(
                             s.effective_samples, s.seed, inputs.replacement_ids)
     computed_rows = resolve_rows(rows, inputs.noised, len(inputs.ids))
     plan = _plan(inputs.clean, corrupt, s.kind, s.convention, s.window, token_rows_per_batch, inputs.noised,
-                 computed_rows)
+                 computed_rows, max_chunk_work)
     with torch.inference_mode():
         cells = _restore_all(lm, inputs.clean, corrupt, s.kind, inputs.scorer, inputs.low(corrupt.logits),
                              plan, progress, on_rows)
@@ -611,6 +625,7 @@ class _Plan:
     chunks: list[_Chunk]  # in computing order
     known: list[tuple[int, tuple[int, ...]]]  # (token, layers) whose cells equal the corrupted run
     skipped: list[int]  # token rows not computed at all (NaN)
+    capped: bool = False  # chunks limited by max_work (their speed, overhead included, is not recorded)
 
     @property
     def cost(self) -> int:
@@ -622,15 +637,16 @@ class _Plan:
 
 
 def _plan(clean: CleanRun, corrupt: CorruptedRun, kind: str, convention: str, window: int,
-          budget: int, noised: Sequence[int], rows: Sequence[int] | None) -> _Plan:
+          budget: int, noised: Sequence[int], rows: Sequence[int] | None, max_work: int | None = None) -> _Plan:
     """Which cells to compute, in which batches and order (``token_order``), and at what cost: a
     row restored at token t from layer ``start`` runs blocks start..L-1 on positions t..n-1 for
-    every sample. Cells whose clean and corrupted states are equal are known without a forward."""
+    every sample. Cells whose clean and corrupted states are equal are known without a forward.
+    Chunks hold at most ``budget`` rows x positions (memory) and ``max_work`` block-positions."""
     n_tokens, n_layers = len(clean.states[0]), len(clean.states) - 1
     samples = corrupt.states[0].shape[0]
     all_rows = _rows(kind, convention, n_layers, window)
     wanted = set(range(n_tokens)) if rows is None else set(rows)
-    plan = _Plan([], [], sorted(set(range(n_tokens)) - wanted))
+    plan = _Plan([], [], sorted(set(range(n_tokens)) - wanted), capped=max_work is not None)
     for t in token_order(n_tokens, noised):
         if t not in wanted:
             continue
@@ -638,8 +654,12 @@ def _plan(clean: CleanRun, corrupt: CorruptedRun, kind: str, convention: str, wi
         computed = {r.column for r in todo}
         plan.known.append((t, tuple(c for c in range(n_layers) if c not in computed)))
         width = samples * (n_tokens - t)
-        for chunk in _chunks(todo, max(1, budget // max(1, width))):
-            plan.chunks.append(_Chunk(t, chunk, sum(width * max(1, n_layers - r.start) for r in chunk)))
+
+        def cost(row: _Row, width: int = width) -> int:
+            return width * max(1, n_layers - row.start)
+
+        for chunk in _chunks(todo, max(1, budget // max(1, width)), cost, max_work):
+            plan.chunks.append(_Chunk(t, chunk, sum(cost(r) for r in chunk)))
     return plan
 
 
@@ -673,7 +693,8 @@ def _restore_all(lm: "LoadedModel", clean, corrupt, kind: str, scorer, low, plan
             means = value.mean(1).double().cpu().numpy()
             for row, mean in zip(chunk.rows, means):
                 cells[name][chunk.token, row.column] = mean
-        _record_rate(lm, chunk.cost, time.perf_counter() - started)
+        if not plan.capped:  # small chunks' fixed costs would lower the cap they set, and so on
+            _record_rate(lm, chunk.cost, time.perf_counter() - started)
         done += chunk.cost
         deliver(chunk.token, tuple(r.column for r in chunk.rows))
         check()
@@ -692,6 +713,20 @@ def _record_rate(lm: "LoadedModel", cost: int, seconds: float) -> None:
     with _rates_lock:
         old = _rates.get(key)
         _rates[key] = seconds / cost if old is None else 0.7 * old + 0.3 * seconds / cost
+
+
+def seconds_per_work(lm: "LoadedModel") -> float | None:
+    """Measured seconds per block-position of restoration work for this model (None before its
+    first trace in this process)."""
+    with _rates_lock:
+        return _rates.get(_model_key(lm.model))
+
+
+def chunk_work_for(lm: "LoadedModel", seconds: float = 0.4) -> int | None:
+    """The ``max_chunk_work`` that keeps one chunk under ``seconds`` at this model's measured speed
+    (None before its first trace: no cap)."""
+    rate = seconds_per_work(lm)
+    return None if rate is None else max(1, int(seconds / rate))
 
 
 @dataclass(frozen=True)
@@ -717,8 +752,7 @@ def estimate_trace(lm: "LoadedModel", prompt: str, noised: Sequence[int], *, set
                             s.seed, inputs.replacement_ids)
     plan = _plan(inputs.clean, corrupt, s.kind, s.convention, s.window, token_rows_per_batch, noised,
                  resolve_rows(rows, noised, len(ids)))
-    with _rates_lock:
-        rate = _rates.get(_model_key(lm.model))
+    rate = seconds_per_work(lm)
     if rate is None:
         forward = corrupt.states[0].shape[0] * len(ids) * (len(corrupt.states) - 1)
         rate = corrupt.seconds / max(1, forward)

@@ -31,6 +31,7 @@ activations as inputs), under ``torch.enable_grad()`` in the calling thread: no 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
@@ -172,3 +173,36 @@ def _first_order_cells(n_layers: int, clean, run: _GradientRun, first: int, s: T
                 change = torch.where(unchanged, torch.zeros_like(change), change)
                 cells[name][first:, row.column] = low[name] + change.cpu().numpy()
     return cells
+
+
+class Refinement:
+    """A preview being replaced by exact rows as they arrive (``causal_trace(on_rows=...)``).
+
+    ``add(block)`` puts a ``RowBlock``'s exact cells in; ``trace`` is the current picture (a copy
+    of the preview with every exact cell so far, ``approximate`` until every cell is exact) and
+    ``exact`` the [T, L] mask of exact cells.
+    """
+
+    def __init__(self, preview: Trace) -> None:
+        self.preview = preview
+        self.metrics = {k: np.array(v, dtype=np.float64, copy=True) for k, v in preview.metrics.items()}
+        self.exact = np.zeros(preview.scores.shape, dtype=bool)
+
+    def add(self, block) -> None:
+        """Exact cells of one ``RowBlock`` replace the preview's."""
+        layers = list(block.layers)
+        for name, values in block.values.items():
+            if name in self.metrics:
+                self.metrics[name][block.token, layers] = values
+        self.exact[block.token, layers] = True
+
+    @property
+    def done(self) -> float:
+        """The fraction of cells that are exact."""
+        return float(self.exact.mean())
+
+    @property
+    def trace(self) -> Trace:
+        """The picture so far, as a Trace (``approximate`` until every cell is exact)."""
+        return dataclasses.replace(self.preview, metrics={k: v.copy() for k, v in self.metrics.items()},
+                                   approximate=not bool(self.exact.all()))

@@ -175,15 +175,22 @@ def heatmap_layer(trace: Trace, metric: str = "prob", *, domain: Sequence[float]
                   title: str | None = None, subtitle: list[str] | None = None,
                   legend: bool = True, legend_bottom: bool = False, y_labels: bool = True,
                   x_title: str | None = None, cell_width: int = CELL_WIDTH,
-                  cell_height: int = CELL_HEIGHT) -> alt.Chart:
+                  cell_height: int = CELL_HEIGHT, exact: np.ndarray | None = None) -> alt.Chart:
     """The heatmap without top-level settings, for composing: colour ``domain`` (default from the
-    corrupted run's value to the best cell), titles, legend, y labels and cell size."""
+    corrupted run's value to the best cell), titles, legend, y labels and cell size. An
+    approximate trace (a preview) is titled so, and its cells are faded except where ``exact``
+    ([T, L] booleans: cells already computed exactly) is True."""
     data = trace_frame(trace, metric)
     domain = domain or metric_domain([trace], metric)
     low, high = trace.metric_bounds(metric)
     if subtitle is None:
         subtitle = [f"{ellipsis(trace.prompt, MAX_TITLE)}  ·  * = noised",
                     f"{noise_text(trace)}  ·  corrupted {low:.4g}, clean {high:.4g}"]
+    if trace.approximate:
+        data["exact"] = (np.zeros(trace.scores.shape, bool) if exact is None else np.asarray(exact)).ravel()
+        share = f"{data['exact'].mean():.0%} exact so far" if data["exact"].any() else "no cell exact yet"
+        subtitle = [f"APPROXIMATE PREVIEW (attribution patching): faded cells are first-order "
+                    f"estimates, replaced by exact ones as they are computed ({share})", *subtitle]
     width = cell_width * trace.n_layers
     y = alt.Y("label:N", sort=token_labels(trace), title=None,
               axis=alt.Axis(labels=y_labels, ticks=y_labels, labelLimit=160))
@@ -193,12 +200,15 @@ def heatmap_layer(trace: Trace, metric: str = "prob", *, domain: Sequence[float]
                             values=list(range(0, trace.n_layers, step))))
     color = _color(trace, metric, domain, legend, length=int(width * 0.7) if legend_bottom else None,
                    bottom=legend_bottom)
-    chart = alt.Chart(data).mark_rect(stroke="white", strokeWidth=0.3).encode(
-        x=x, y=y, color=color, tooltip=_tooltip(trace, metric))
+    encoding = dict(x=x, y=y, color=color, tooltip=_tooltip(trace, metric))
+    if trace.approximate:
+        encoding["opacity"] = alt.Opacity("exact:N", scale=alt.Scale(domain=[True, False], range=[1.0, 0.4]),
+                                          legend=None)
+    chart = alt.Chart(data).mark_rect(stroke="white", strokeWidth=0.3).encode(**encoding)
     return chart.properties(
         width=width, height=cell_height * len(trace.tokens),
-        title=alt.TitleParams(title or kind_title(trace), subtitle=subtitle, anchor="start",
-                              subtitleColor="#555"))
+        title=alt.TitleParams((title or kind_title(trace)) + (" · preview" if trace.approximate else ""),
+                              subtitle=subtitle, anchor="start", subtitleColor="#555"))
 
 
 def kinds_side_by_side(traces: Mapping[str, Trace], metric: str = "prob") -> alt.HConcatChart:
