@@ -84,7 +84,7 @@ def _prepare(lm: "LoadedModel", row: pd.Series, index: Any, settings: dict[str, 
     try:
         noised = resolve_noised(lm, result.prompt, result.subject, row.get("noised"))
         target_id = expected_token_id(lm, result.prompt, result.expected) if target == "expected" else None
-        computed = resolve_rows(rows, noised, len(tokenize(lm, result.prompt)))
+        computed = None if rows == "all" else resolve_rows(rows, noised, len(tokenize(lm, result.prompt)))
         full = canonical_settings({**settings, "noised": noised, "target": target_id, "rows": computed})
     except ValueError as exc:
         result.status, result.message = "skipped", str(exc)

@@ -499,15 +499,13 @@ class TraceInputs:
         return cls(prompt, settings, ids, noised, replacement_ids, clean, target_id, contrast_id,
                    _Scorer(clean.logits, target_id, contrast_id))
 
-    def trace(self, lm: "LoadedModel", cells: dict[str, np.ndarray], corrupted_logits: torch.Tensor,
-              sigma: float | None, noise_std: float, started: float, rows: list[int] | None = None,
-              approximate: bool = False) -> Trace:
-        """The :class:`Trace` of these inputs with computed ``cells`` ([T, L] per metric) and the
-        corrupted runs' last-position logits [S, V]."""
-        scorer = self.scorer
+    def trace(self, lm: "LoadedModel", cells: dict[str, np.ndarray], low: dict[str, float],
+              corrupted_logits: torch.Tensor, sigma: float | None, noise_std: float, started: float,
+              rows: list[int] | None = None, approximate: bool = False) -> Trace:
+        """The :class:`Trace` of these inputs with computed ``cells`` ([T, L] per metric), their
+        ``low`` (from ``low()``) and the corrupted runs' last-position logits [S, V]."""
         with torch.inference_mode():
-            high = {k: float(v) for k, v in scorer(self.clean.logits).items()}
-            low = {k: float(v.mean()) for k, v in scorer(corrupted_logits).items()}
+            high = {k: float(v) for k, v in self.scorer(self.clean.logits).items()}
             corrupted_probs = torch.softmax(corrupted_logits.float(), -1).mean(0)
             clean_probs = torch.softmax(self.clean.logits.float(), -1)
         return Trace(
@@ -590,10 +588,10 @@ def causal_trace(
     computed_rows = resolve_rows(rows, inputs.noised, len(inputs.ids))
     plan = _plan(inputs.clean, corrupt, s.kind, s.convention, s.window, token_rows_per_batch, inputs.noised,
                  computed_rows, max_chunk_work)
+    low = inputs.low(corrupt.logits)
     with torch.inference_mode():
-        cells = _restore_all(lm, inputs.clean, corrupt, s.kind, inputs.scorer, inputs.low(corrupt.logits),
-                             plan, progress, on_rows)
-    return inputs.trace(lm, cells, corrupt.logits, corrupt.sigma, corrupt.noise_std, started, computed_rows)
+        cells = _restore_all(lm, inputs.clean, corrupt, s.kind, inputs.scorer, low, plan, progress, on_rows)
+    return inputs.trace(lm, cells, low, corrupt.logits, corrupt.sigma, corrupt.noise_std, started, computed_rows)
 
 
 def _replacement_ids(lm: "LoadedModel", s: TraceSettings, n_tokens: int) -> list[int] | None:

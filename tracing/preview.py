@@ -84,10 +84,11 @@ def preview_trace(
         lm, inputs.ids, inputs.noised, s.corruption, s.noise, s.noise_mode, s.effective_samples, s.seed,
         inputs.replacement_ids)
     run = _corrupted_gradients(Runner(lm), start, s.kind, inputs.scorer)
-    cells = _first_order_cells(lm.n_layers, inputs.clean, run, first_changed, s, inputs.low(run.logits))
+    low = inputs.low(run.logits)
+    cells = _first_order_cells(lm.n_layers, inputs.clean, run, first_changed, s, low)
     if progress is not None and progress(1, 1) is False:
         raise TraceCancelled()
-    return inputs.trace(lm, cells, run.logits, sigma, noise_std, started, approximate=True)
+    return inputs.trace(lm, cells, low, run.logits, sigma, noise_std, started, approximate=True)
 
 
 @dataclass
