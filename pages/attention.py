@@ -12,12 +12,13 @@ import streamlit as st
 from pages import common
 from pages.state import ATTENTION_TABS, AttentionState
 from tracing import attention as A
+from tracing import heads as HD
 from tracing.categories import group_label
 from tracing.charts import attention as C
 from tracing.charts.style import token_labels
 from tracing.model.tokens import token_strings, tokenize
 from tracing.prompts import LONG_TEXT
-from tracing.settings import SEED_RANGE
+from tracing.settings import INTERACTIVE, METRICS, NOISE_RANGE, SAMPLES_RANGE, SEED_RANGE, TraceSettings
 
 STATE = "attn_state"  # the page state (AttentionState), kept across page switches
 SET_KEY = "attn_set_result"  # last good prompt-set result: dict(model, source, result)
@@ -30,6 +31,15 @@ DEFAULT_TEXT_LABEL = (
     "have memorised it."
 )
 MEAN = "mean over heads"
+HEAD_VIEWS = {"attention": "attention weights", "effect": "causal effect"}
+EFFECT_SCOPES = {"set": "prompt set, per type", "one": "one prompt"}
+EFFECT_METRICS = ("normalised", "prob", "logprob", "kl")
+# Widgets of the causal-effect view and their starting values (set before the widgets are made,
+# never as a widget default, so a value from the URL or the session is never overridden).
+EFFECT_DEFAULTS = {"attn_head_view": "attention", "attn_fx_scope": "set", "attn_fx_token": "final",
+                   "attn_fx_noise": INTERACTIVE.noise, "attn_fx_samples": INTERACTIVE.samples,
+                   "attn_fx_seed": INTERACTIVE.seed, "attn_fx_metric": "normalised", "attn_fx_prompt": 0,
+                   "attn_long_disjoint": False}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,6 +184,7 @@ def _clicked_cell(event, name: str, key: str) -> tuple[int, int] | None:
 
 
 def section_heads(stored: dict) -> None:
+    """The attention-weight view of the per-head grids."""
     result: A.PromptSetAttention = stored["result"]
     st.caption(
         "The same final-token attention, per head: one layers × heads grid per prompt type (mean over "
@@ -213,22 +224,176 @@ def _difference(result: A.PromptSetAttention, target: str, new: tuple[int, int] 
 
 
 def _per_prompt(result: A.PromptSetAttention, target: str, new: tuple[int, int] | None) -> None:
-    layer_key, head_key = f"attn_cell_layer_{result.n_layers}", f"attn_cell_head_{result.n_heads}"
-    st.session_state.setdefault(layer_key, result.n_layers // 2)
-    st.session_state.setdefault(head_key, 0)
-    if new is not None:
-        st.session_state[layer_key], st.session_state[head_key] = new
-    c1, c2 = st.columns(2)
-    layer = c1.number_input("Layer", 0, result.n_layers - 1, key=layer_key)
-    head = c2.selectbox("Head", ["mean over heads"] + list(range(result.n_heads)), key=head_key)
-    head = None if head == "mean over heads" else int(head)
-    values = A.per_prompt_values(result, target, int(layer), head)
+    layer, head = _cell_pickers(result.n_layers, result.n_heads, new)
+    values = A.per_prompt_values(result, target, layer, head)
     where = f"layer {layer}, " + ("mean over heads" if head is None else f"head {head}")
     chart = C.per_prompt_strip(values, f"Attention to the {A.TARGET_LABELS[target]}, every prompt · {where}")
     st.altair_chart(chart, width="content")
     common.chart_downloads(chart, f"attention_{target}_L{layer}_H{'mean' if head is None else head}", values)
     st.dataframe(values.sort_values("attention", ascending=False), hide_index=True, width="stretch",
                  column_config={"attention": st.column_config.NumberColumn(format="%.4f")})
+
+
+# ---------------------------------------------------------------------------------------------
+# 2b. Per-head grids: causal effect (per-head restoration, tracing.heads)
+
+
+def _effect_settings(lm) -> tuple[TraceSettings, str, str]:
+    """The head traces' settings, where heads are restored and the metric shown."""
+    c = st.columns([1.3, 1, 1, 1, 1.4])
+    where = c[0].radio("Restore heads at", list(HD.TOKENS), horizontal=True, key="attn_fx_token",
+                       format_func=HD.TOKEN_LABELS.get,
+                       help="The position whose clean head outputs are put back into the corrupted run.")
+    noise = c[1].number_input("Noise", *NOISE_RANGE["absolute"], step=0.05, key="attn_fx_noise",
+                              help="Gaussian noise on the subject's last token (as the trace page).")
+    samples = c[2].number_input("Samples", *SAMPLES_RANGE, key="attn_fx_samples")
+    seed = c[3].number_input("Seed", *SEED_RANGE, key="attn_fx_seed")
+    metric = c[4].selectbox("Effect", EFFECT_METRICS, key="attn_fx_metric",
+                            format_func=lambda m: METRICS[m].label)
+    return TraceSettings(noise=float(noise), samples=int(samples), seed=int(seed)), where, metric
+
+
+def _effect_caption(metric: str, where: str) -> str:
+    unit = ("0 = corrupted run, 1 = clean run" if metric == "normalised"
+            else f"{METRICS[metric].label} of the expected token" + (" (lower is better)" if METRICS[metric].lower_is_better else ""))
+    return (f"Each cell: {unit}, when only that head's clean output at the {HD.TOKEN_LABELS[where]} is restored "
+            "in the corrupted run (the subject's last token noised). Layer 0 at the bottom.")
+
+
+def _run_missing(lm, plan: list, store) -> None:
+    """Compute the pending head traces with a progress bar and a Stop button (stored as they finish)."""
+    pending = sum(r.status == "pending" for r in plan)
+    with common.progress(f"Head traces: 0/{pending}", unit="prompts",
+                         below=lambda box: box.button("Stop", key="attn_fx_stop",
+                                                      help="Stops after the current prompt; finished ones are stored.")) as update:
+        count = [0]
+
+        def on_prompt(done: int, total: int, result) -> None:
+            count[0] += result.status == "computed"
+            update(count[0], pending, f"Head traces: {count[0]}/{pending} · {result.prompt[:50]}")
+
+        HD.run_heads(lm, plan, store, progress=on_prompt)
+
+
+def section_effects(lm, picked: tuple[pd.DataFrame, str]) -> None:
+    """The causal-effect view of the per-head grids: per-head restoration, one prompt or per type."""
+    st.caption(
+        "Which heads carry the answer: restore the clean output of **one attention head** (its slice of the "
+        "attention output projection's input) at one position of the corrupted run, and measure how much of "
+        "the expected token's probability comes back. Head traces are kept in the result store."
+    )
+    frame, _ = picked
+    settings, where, metric = _effect_settings(lm)
+    scope = st.radio("Of", list(EFFECT_SCOPES), horizontal=True, key="attn_fx_scope", format_func=EFFECT_SCOPES.get)
+    store = common.result_store()
+    if scope == "one":
+        _effect_one(lm, frame, settings, where, metric, store)
+        return
+    try:
+        plan = HD.plan_heads(lm, frame, settings, store, where)
+    except ValueError as exc:
+        common.show_error(exc, "Bad settings")
+        return
+    pending = sum(r.status == "pending" for r in plan)
+    skipped = [r for r in plan if r.status == "skipped"]
+    st.caption(f"{len(plan)} prompts: {sum(r.status == 'stored' for r in plan)} in the store, {pending} to compute, "
+               f"{len(skipped)} skipped.")
+    if st.button(f"Compute {pending} missing head trace(s)", type="primary", disabled=pending == 0, key="attn_fx_run"):
+        try:
+            _run_missing(lm, plan, store)
+            st.rerun()  # the counts and grids from the store
+        except Exception as exc:  # noqa: BLE001 - finished traces are stored; say what went wrong
+            common.show_error(exc, "Head tracing stopped")
+    for r in skipped + [r for r in plan if r.status == "failed"]:
+        st.warning(f"Skipped {r.prompt!r}: {r.message}")
+    if not any(r.trace is not None for r in plan):
+        st.info("No head traces yet for these settings: press the button above.")
+        return
+    _effect_grids(plan, metric, where)
+
+
+def _effect_grids(plan: list, metric: str, where: str) -> None:
+    summary = HD.head_summary(plan, metric)
+    label = METRICS[metric].label
+    chart = C.head_grids(summary, "linear", alt.selection_point(fields=["layer", "head"], name="fxcell"),
+                         title=f"Causal effect of each head at the {HD.TOKEN_LABELS[where]} ({label}), per prompt type",
+                         subtitle=_effect_caption(metric, where) + " Mean over the prompts of each type.", value="effect")
+    event = st.altair_chart(chart, width="content", on_select="rerun", selection_mode="fxcell", key="attn_fx_grid")
+    common.chart_downloads(chart, f"head_effects_{where}_{metric}", summary)
+    new = _clicked_cell(event, "fxcell", "attn_fx_seen")
+    cats = list(dict.fromkeys(summary["category"]))
+    if len(cats) >= 2:
+        c1, c2 = st.columns(2)
+        a = c1.selectbox("A", cats, index=len(cats) - 1, key="attn_fx_diff_a", format_func=group_label)
+        b = c2.selectbox("B", cats, index=0, key="attn_fx_diff_b", format_func=group_label)
+        if a == b:
+            st.info("Pick two different prompt types to see their difference.")
+        else:
+            diff = A.category_difference(summary, a, b)
+            chart = C.difference_grid(diff, a, b, alt.selection_point(fields=["layer", "head"], name="fxdcell"),
+                                      title=f"Causal effect of each head ({label}): A − B")
+            event = st.altair_chart(chart, width="content", on_select="rerun", selection_mode="fxdcell",
+                                    key="attn_fx_diff_grid")
+            common.chart_downloads(chart, f"head_effects_{where}_{metric}_difference", diff)
+            new = _clicked_cell(event, "fxdcell", "attn_fx_dseen") or new
+    else:
+        st.info("The difference grid needs prompts of at least two types.")
+    n_layers, n_heads = int(summary["layer"].max()) + 1, int(summary["head"].max()) + 1
+    layer, head = _cell_pickers(n_layers, n_heads, new)
+    values = HD.per_prompt_effects(plan, layer, head, metric)
+    where_cell = f"layer {layer}, " + ("mean over heads" if head is None else f"head {head}")
+    chart = C.per_prompt_strip(values, f"Causal effect ({label}), every prompt · {where_cell}", column="value",
+                               axis_title=label)
+    st.altair_chart(chart, width="content")
+    common.chart_downloads(chart, f"head_effects_{metric}_L{layer}_H{'mean' if head is None else head}", values)
+
+
+def _effect_one(lm, frame: pd.DataFrame, settings: TraceSettings, where: str, metric: str, store) -> None:
+    """One prompt of the set: its head trace (from the store, else computed now) as one grid."""
+    prompts = frame["prompt"].tolist()
+    if st.session_state.get("attn_fx_prompt", 0) >= len(prompts):
+        st.session_state["attn_fx_prompt"] = 0
+    index = st.selectbox("Prompt", range(len(prompts)), key="attn_fx_prompt",
+                         format_func=lambda i: f"{group_label(frame['category'].iloc[i])} · {prompts[i]}")
+    try:
+        (result,) = HD.plan_heads(lm, frame.iloc[[index]], settings, store, where)
+        if result.status == "skipped":
+            raise ValueError(result.message)
+        if result.status == "pending":
+            with common.progress("Restoring each head…", unit="%") as update:
+                HD.run_heads(lm, [result], store, cell_progress=update)
+        if result.trace is None:
+            raise ValueError(result.message)
+    except Exception as exc:  # noqa: BLE001
+        common.show_error(exc, "Could not trace the heads of this prompt")
+        return
+    traced: HD.HeadTrace = result.trace
+    grid = traced.frame(metric).rename(columns={"value": "mean"}).assign(
+        category=result.category, std=np.nan, n=1)
+    label = METRICS[metric].label
+    token = traced.tokens[traced.token]
+    chart = C.head_grids(grid, "linear", title=f"Causal effect of each head at {token!r} ({label})",
+                         subtitle=_effect_caption(metric, where), value="effect")
+    st.altair_chart(chart, width="content")
+    common.chart_downloads(chart, f"head_effects_one_{where}_{metric}", grid)
+    top = traced.frame("normalised").sort_values("value", ascending=False).head(5)
+    st.caption(f"Target {traced.target!r}: p = {traced.low:.4f} corrupted, {traced.high:.4f} clean · noised tokens "
+               f"{', '.join(repr(traced.tokens[i]) for i in traced.noised)} · {traced.elapsed:.1f} s. "
+               "Heads restoring most (normalised): "
+               + ", ".join(f"L{r.layer} H{r.head} ({r.value:.2f})" for r in top.itertuples()))
+
+
+def _cell_pickers(n_layers: int, n_heads: int, new: tuple[int, int] | None) -> tuple[int, int | None]:
+    """The (layer, head or None for the mean) of the per-prompt view; a clicked cell sets them."""
+    layer_key, head_key = f"attn_cell_layer_{n_layers}", f"attn_cell_head_{n_heads}"
+    st.session_state.setdefault(layer_key, n_layers // 2)
+    st.session_state.setdefault(head_key, 0)
+    if new is not None:
+        st.session_state[layer_key], st.session_state[head_key] = new
+    c1, c2 = st.columns(2)
+    layer = c1.number_input("Layer", 0, n_layers - 1, key=layer_key)
+    head = c2.selectbox("Head", [MEAN] + list(range(n_heads)), key=head_key)
+    return int(layer), (None if head == MEAN else int(head))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,15 +454,38 @@ def _long_text_source() -> tuple[str, str] | None:
         return None
 
 
-def _long_text_form(lm) -> tuple[int, int, int, bool]:
-    c1, c2, c3, c4 = st.columns([1, 1, 1, 1])
+def _long_text_form(lm) -> tuple[int, int, int, bool, bool]:
+    c1, c2, c3, c4, c5 = st.columns([1, 1, 1, 1.3, 0.8])
     n = c1.number_input("Samples N", 1, 500, key="attn_long_n", help="Windows drawn from the text.")
     m = c2.number_input("Tokens per sample M", 2, int(lm.n_ctx), key=length_key(lm),
                         help=f"Capped at the model's context ({lm.n_ctx}).")
     seed = c3.number_input("Seed", *SEED_RANGE, key="attn_long_seed", help="Where the windows start.")
-    c4.write("")
-    go = c4.button("Compute", type="primary", key="attn_long_go")
-    return int(n), int(m), int(seed), go
+    disjoint = c4.toggle("Non-overlapping windows", key="attn_long_disjoint",
+                         help="Windows that share no token: independent samples of the text (fewer fit).")
+    c5.write("")
+    go = c5.button("Compute", type="primary", key="attn_long_go")
+    return int(n), int(m), int(seed), bool(disjoint), go
+
+
+def _overlap_note(lm, source: tuple[str, str] | None, n: int, m: int, disjoint: bool) -> None:
+    """Before computing: how many non-overlapping windows the text holds, and a warning when the
+    requested random windows must overlap."""
+    if source is None:
+        return
+    try:
+        n_tokens = len(A.text_ids(lm, source[0]))
+    except ValueError:
+        return
+    m = min(m, int(lm.n_ctx))
+    fits = A.max_disjoint_windows(n_tokens, m)
+    if not disjoint and n * m > n_tokens:
+        st.warning(f"{n} windows of {m} tokens need {n * m:,} tokens but the text has {n_tokens:,}: the windows "
+                   f"overlap, so they are not independent samples and the band overstates the evidence. The text "
+                   f"holds {fits} non-overlapping windows of {m} tokens: turn on **Non-overlapping windows** "
+                   f"(with N ≤ {fits}) or shorten M.")
+    elif disjoint and n > fits:
+        st.error(f"The text ({n_tokens:,} tokens) holds only {fits} non-overlapping windows of {m} tokens: "
+                 f"choose N ≤ {fits} or shorten M.")
 
 
 def section_long(lm) -> None:
@@ -308,12 +496,14 @@ def section_long(lm) -> None:
         "1/(i+1). Windows that were measured before are cached, so an interrupted run resumes."
     )
     source = _long_text_source()
-    n, m, seed, go = _long_text_form(lm)
+    n, m, seed, disjoint, go = _long_text_form(lm)
+    _overlap_note(lm, source, n, m, disjoint)
 
     def measure() -> dict:
         text, label = source
         with common.progress(f"Measuring {n} windows of {m} tokens…", unit="windows") as update:
-            result = A.long_text_attention(lm, text, n, m, seed, progress=update, window_fn=_cached_window)
+            result = A.long_text_attention(lm, text, n, m, seed, progress=update, window_fn=_cached_window,
+                                           disjoint=disjoint)
         return dict(model=lm.name, source=label, result=result)
 
     stored, _ = common.keep_last_good(LONG_KEY, measure if go and source is not None else None,
@@ -329,7 +519,11 @@ def show_long(stored: dict, model: str) -> None:
     if stored["model"] != model:
         st.warning(f"Showing the last result, computed with **{stored['model']}**.")
     st.caption(f"**{result.n_samples} windows × {result.length} tokens** from `{stored['source']}` "
-               f"({result.n_text_tokens:,} tokens) · seed {result.seed} · {stored['model']} · {result.elapsed:.1f} s")
+               f"({result.n_text_tokens:,} tokens) · {'non-overlapping' if result.disjoint else 'random'} windows · "
+               f"seed {result.seed} · {stored['model']} · {result.elapsed:.1f} s")
+    if result.overlap > 1.0 + 1e-9:
+        st.warning(f"These windows overlap: they cover {result.covered_tokens:,} distinct tokens, each on average "
+                   f"in {result.overlap:.1f} windows, so the band over windows overstates how independent they are.")
     tail = min(512, result.length // 2)
     cols = st.columns(3)
     cols[0].metric(f"Mean attention to the first token, i ≥ {tail}", f"{result.mean[:, :, tail:].mean():.3f}",
@@ -386,6 +580,8 @@ def restore(lm) -> list[str]:
         st.session_state[head_key(lm)] = head
     if length_key(lm) not in st.session_state:
         st.session_state[length_key(lm)] = max(2, min(state.long_m, int(lm.n_ctx)))
+    for key, value in EFFECT_DEFAULTS.items():
+        st.session_state.setdefault(key, value)
     return problems
 
 
@@ -404,6 +600,19 @@ def _prompt_set_tab(lm, section) -> None:
         section(stored)
 
 
+def _heads_tab(lm) -> None:
+    """Per-head grids: attention weights (from the prompt set's attention) or causal effects (head traces)."""
+    view = st.radio("Show", list(HEAD_VIEWS), horizontal=True, key="attn_head_view", format_func=HEAD_VIEWS.get,
+                    help="Attention weights: where the final token looks. Causal effect: what restoring one "
+                         "head brings back of the answer.")
+    if view == "attention":
+        _prompt_set_tab(lm, section_heads)
+        return
+    picked = pick_prompt_set(lm)
+    if picked is not None:
+        section_effects(lm, picked)
+
+
 def main() -> None:
     lm = common.current_model()
     problems = restore(lm)
@@ -414,7 +623,7 @@ def main() -> None:
         "causal mask), on clean prompts."
     )
     common.show_problems(problems)
-    for key in ("attn_set", "attn_skip_flagged", "attn_only_right"):  # shared by two tabs: keep
+    for key in ("attn_set", "attn_skip_flagged", "attn_only_right", *EFFECT_DEFAULTS):  # keep across tabs/views
         if key in st.session_state:
             st.session_state[key] = st.session_state[key]
     tabs = st.tabs(TABS, on_change="rerun", key="attn_tab")  # lazy: only the open tab runs
@@ -423,7 +632,7 @@ def main() -> None:
             _prompt_set_tab(lm, section_by_type)
     with tabs[1]:
         if tabs[1].open:
-            _prompt_set_tab(lm, section_heads)
+            _heads_tab(lm)
     with tabs[2]:
         if tabs[2].open:
             section_single(lm)

@@ -1,21 +1,34 @@
-"""Category averages: trace a whole prompt set, then average the noised and final token rows."""
+"""Category averages: trace a whole prompt set, then average the noised and final token rows;
+test the seed's claim (do the categories hand over to the final token at different layers?) with
+bootstrap intervals and permutation tests; click a prompt to open its trace."""
 
 from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
 
 import pandas as pd
 import streamlit as st
 
 from pages import common
-from pages.state import CategoriesState
-from tracing import batch, causal, prompts
+from pages.state import CategoriesState, TraceState
+from tracing import batch, causal, prompts, runcard, stats
 from tracing.charts import averages as category_charts
-from tracing.charts.style import SHORT_KIND
+from tracing.charts.style import SHORT_KIND, ellipsis
+from tracing.model.tokens import answer_token
 from tracing.settings import DEFAULTS, KINDS, NOISE_MODES, NOISE_RANGE, SAMPLES_RANGE, SEED_RANGE, WINDOW_RANGE
 
 STATE = "cat_state"  # the page state (CategoriesState), kept across page switches
 SET_KEY = "cat_set"  # last valid prompt set: dict(name, source, frame)
 EDITABLE = ["category", "prompt", "expected", "subject", "notes", "noised", "model_top1"]
 MODES = {"absolute": "absolute", "sigma": "× embedding std"}
+LINKS = "cat_links"  # how many prompts were opened on the trace page (fresh selection keys after each)
+TRACE_PAGE = "pages/trace.py"
+TRACE_STATE = "trace_state"  # the trace page's state key (pages/trace.py STATE)
+TRACE_WIDGET = "trace_"  # prefix of the trace page's widget keys (pages/trace.py W)
+CSV_HELP = ("CSV columns: category, prompt, expected, subject; optional: notes, noised, model_top1 "
+            "(see the README).")
 
 
 # -- prompt set ----------------------------------------------------------------------------------
@@ -24,7 +37,8 @@ MODES = {"absolute": "absolute", "sigma": "× embedding std"}
 def pick_set() -> None:
     """Shipped set or upload; a bad file shows an error and keeps the previous set."""
     def read() -> dict | None:
-        picked = common.prompt_set_picker("cat_choice", upload_key="cat_upload", upload_note=False)
+        picked = common.prompt_set_picker("cat_choice", upload_key="cat_upload", upload_note=False,
+                                          help=CSV_HELP)
         if picked is None:  # nothing uploaded yet, or unreadable (error shown): keep the set
             return None
         frame, name = picked
@@ -105,62 +119,224 @@ def settings_form(n_layers: int) -> CategoriesState:
     return common.widget_state(CategoriesState, STATE)
 
 
+class PromptProgress:
+    """The current prompt's bar: its own count and clock, reset when the next prompt starts (so
+    it never shows the previous prompt's count beside a new bar). ``bar``: anything with
+    ``progress(value, text=)`` (``st.progress``'s element); ``prompts``: the batch's prompts."""
+
+    def __init__(self, bar: Any, prompts: list[str]) -> None:
+        self.bar, self.prompts = bar, prompts
+        self.start(0)
+
+    def start(self, index: int) -> None:
+        """Prompt ``index`` (0-based) is next: an empty bar and a fresh clock."""
+        self.index, self.started = index, time.perf_counter()
+        self.show(0, 0)
+
+    def __call__(self, done: int, total: int) -> bool:
+        """The engine's ``progress(done, total)`` for the current prompt."""
+        self.show(done, total)
+        return True
+
+    def text(self, done: int, total: int, seconds: float) -> str:
+        if self.index >= len(self.prompts):
+            return "all prompts done"
+        name = ellipsis(self.prompts[self.index], 50)
+        share = done / total if total else 0.0
+        left = f", about {seconds / share * (1 - share):.0f} s left" if 0 < share < 1 else ""
+        return (f"prompt {self.index + 1} / {len(self.prompts)} ({name}): {100 * share:.0f} % of "
+                f"its work, {seconds:.0f} s{left}")
+
+    def show(self, done: int, total: int) -> None:
+        share = min(1.0, done / total) if total else 0.0
+        self.bar.progress(share, text=self.text(done, total, time.perf_counter() - self.started))
+
+
 def run(lm, frame: pd.DataFrame, state: CategoriesState) -> None:
     """Run the missing traces with an overall and a per-prompt progress bar."""
     overall_slot, inner_slot = st.empty(), st.empty()
     st.button("Cancel", key="cat_cancel", help="Stops after the current step; finished prompts are kept.")
-    with common.progress(f"0 / {len(frame)} prompts", overall_slot) as overall, \
-            common.progress("current prompt:", inner_slot, unit="%") as inner:
+    inner = PromptProgress(inner_slot.progress(0.0), [str(p) for p in frame["prompt"]])
+    with common.progress(f"0 / {len(frame)} prompts", overall_slot) as overall:
         def on_prompt(done: int, total: int, result: batch.PromptResult) -> None:
             overall(done, total, f"{done} / {total} prompts · {result.status}: {result.prompt[:50]}")
+            inner.start(done)
 
         result = batch.run_batch(lm, frame, state.batch_settings(), common.result_store(),
                                  target=state.target, progress=on_prompt, prompt_progress=inner,
                                  trace=causal.causal_trace)  # looked up now: tests swap the engine
+    inner_slot.empty()
     st.session_state["cat_last_run"] = (
         f"Computed {result.counts.get('computed', 0)} trace(s), "
         f"{result.counts.get('stored', 0)} from the store, in {result.elapsed:.1f} s."
     )
 
 
+# -- opening a prompt on the trace page ----------------------------------------------------------
+
+
+def trace_state_for(lm, result: batch.PromptResult) -> TraceState:
+    """The trace page's state that reproduces a batch prompt's trace: its prompt, noised tokens
+    (by subject when the subject's last token is what was noised, else the indices), expected
+    completion and every trace setting of the batch."""
+    s = result.settings or {}
+    noised = [int(i) for i in s.get("noised", [])]
+    by_subject = False
+    if result.subject:
+        try:
+            by_subject = prompts.noised_positions(lm, result.prompt, result.subject) == noised
+        except ValueError:
+            by_subject = False
+    target = result.expected if s.get("target") is not None else ""  # None: the batch traced top-1
+    return TraceState.from_dict({
+        "prompt": result.prompt, "noise_by": "subject" if by_subject else "tokens",
+        "subject": result.subject if by_subject else "", "subject_tokens": "last",
+        "tokens": [] if by_subject else noised, "target": target, "contrast": "",
+        "corruption": s.get("corruption", "gaussian"), "noise_mode": s.get("noise_mode", "absolute"),
+        "noise": float(s.get("noise", 0.0)), "replacement": s.get("replacement") or "",
+        "samples": int(s.get("samples", 1)), "seed": int(s.get("seed", 0)), "kind": s.get("kind", "hidden"),
+        "window": int(s.get("window", 10)), "metric": "prob", "convention": s.get("convention", "input"),
+    })
+
+
+def share_trace(lm, result: batch.PromptResult, state: TraceState) -> str:
+    """The store key the trace page will look up for ``state``; when nothing is stored there yet,
+    the batch's trace is stored under it too, with the page's settings (the batch keys its target
+    as a token id, the page as the completion text: the same token, so the same numbers)."""
+    store = common.result_store()
+    request = runcard.trace_request(lm, state)
+    key = store.key(lm, request.prompt, request.settings)
+    trace = result.trace
+    same = (trace is not None and list(trace.noised) == list(request.noised)
+            and (not state.target or trace.target_id == answer_token(lm, state.target, "target", state.prompt)))
+    if same and store.get(key) is None:
+        store.put(key, dataclasses.replace(trace, settings=dict(request.settings)))
+    return key
+
+
+def open_trace(lm, result: batch.PromptResult) -> None:
+    """Open one batch prompt on the trace page with the batch's settings (its trace is in the
+    store, so it shows at once)."""
+    state = trace_state_for(lm, result)
+    try:
+        share_trace(lm, result, state)
+    except Exception as exc:  # noqa: BLE001 - the page opens anyway and traces it
+        st.warning(f"Could not share the stored trace: {exc}")
+    st.session_state[LINKS] = st.session_state.get(LINKS, 0) + 1  # fresh, empty selections on return
+    st.session_state[TRACE_STATE] = state
+    for key in [k for k in st.session_state if str(k).startswith(TRACE_WIDGET) and k != TRACE_STATE]:
+        if key.removeprefix(TRACE_WIDGET) in runcard.DEFAULTS or key == "trace_noise_sigma":
+            del st.session_state[key]  # the trace page refills its widgets from TRACE_STATE
+    st.switch_page(TRACE_PAGE, query_params=state.to_query())
+
+
+def picked_row(event: Any, kind: str) -> int | None:
+    """The table position a selection event picked: a dataframe row (``kind="table"``) or a
+    scatter point (``kind="chart"``, its ``row`` field); None when nothing is picked."""
+    selection = (event or {}).get("selection", {}) if isinstance(event, dict) else getattr(event, "selection", {})
+    if kind == "table":
+        rows = list(selection.get("rows", []) or [])
+        return int(rows[0]) if rows else None
+    points = list(selection.get(category_charts.PICK, []) or [])
+    rows = [p.get("row") for p in points if isinstance(p, dict) and p.get("row") is not None]
+    return int(rows[0]) if rows else None
+
+
 # -- results -------------------------------------------------------------------------------------
 
 
-def show_results(results: list[batch.PromptResult], n_layers: int) -> None:
-    """Summary, heatmaps, line charts, scatter plots and the per-prompt table, with downloads."""
+def show_results(lm, results: list[batch.PromptResult], n_layers: int) -> None:
+    """Summary, the category comparison, heatmaps, line charts, scatter plots and the per-prompt
+    table, with downloads. Clicking a scatter point or a table row opens that prompt's trace."""
     c = st.columns(4)
     correct_only = c[0].toggle("Only prompts the model gets right", key="cat_correct")
     combine = c[1].toggle("Combine regurgitation categories", key="cat_combine")
-    spread = c[2].radio("Band", ["sem", "std"], horizontal=True, key="cat_spread",
-                        format_func={"sem": "± standard error", "std": "± std"}.get)
+    spread = c[2].radio("Band", list(category_charts.SPREADS), horizontal=True, key="cat_spread",
+                        format_func=category_charts.SPREADS.get,
+                        help="The band around each mean curve: ± its standard error, ± the std over "
+                             f"prompts, or a bootstrap 95% interval ({stats.BAND_RESAMPLES:,} resamples "
+                             "of the prompts, seed 0).")
     min_effect = c[3].number_input("Min. effect of noise", 0.0, 1.0, step=0.01, key="cat_min_effect",
                                    help="Prompts where noise lowers p(target) by less are left out of averages.")
     options = dict(correct_only=correct_only, combine_regurgitation=combine, min_effect=min_effect)
     averages = batch.category_averages(results, **options)
     table = batch.prompt_table(results)
     table.insert(0, "averaged", (table["effect"] >= min_effect) & (table["correct"].astype(bool) | (not correct_only)))
-    st.dataframe(batch.category_summary(results, **options), width="stretch", hide_index=True)
+    show_summary(results, table, options)
     if averages.empty:
         st.warning("No prompt passes the filters: relax them or trace more prompts.")
     else:
         heat = category_charts.heatmap_chart(averages, width=max(160, min(300, 9 * n_layers)))
         st.altair_chart(heat)
         common.chart_downloads(heat, "category-heatmaps", averages)
-        lines = category_charts.line_chart(averages, spread=spread)
+        bands = stats.bootstrap_bands(results, **options) if spread == "ci" else None
+        lines = category_charts.line_chart(averages, spread=spread, bands=bands)
         st.altair_chart(lines)
-        common.chart_downloads(lines, "category-lines", averages)
+        common.chart_downloads(lines, "category-lines", averages if bands is None else bands)
+    show_scatter(lm, results, table)
+    st.subheader("Per prompt")
+    st.caption("Select a row to open that prompt on the trace page with these settings.")
+    event = st.dataframe(category_charts.labelled(table, category_charts.PROMPT_LABELS), width="stretch",
+                         hide_index=True, on_select="rerun", selection_mode="single-row",
+                         key=f"cat_prompts_{st.session_state.get(LINKS, 0)}")
+    common.download_button("Download the per-prompt table (CSV)", table.to_csv(index=False),
+                           "category-prompts.csv", "text/csv", "cat_download_prompts")
+    follow(lm, results, picked_row(event, "table"))
+
+
+def follow(lm, results: list[batch.PromptResult], row: int | None) -> None:
+    """Open the picked prompt (a position in ``results``), when there is one with a trace."""
+    if row is not None and 0 <= row < len(results) and results[row].trace is not None:
+        open_trace(lm, results[row])
+
+
+def show_summary(results: list[batch.PromptResult], table: pd.DataFrame, options: dict) -> None:
+    """Per category: the summary with the mean transition layer's bootstrap interval, and every
+    pair of categories compared (difference, interval, permutation p-value)."""
+    summary = batch.category_summary(results, **options)
+    intervals = stats.transition_intervals(table, **options)
+    if len(summary):
+        summary = summary.merge(intervals[["group", "ci_low", "ci_high", "none"]], on="group", how="left")
+    labels = {**category_charts.SUMMARY_LABELS, "ci_low": "transition 95% CI low",
+              "ci_high": "transition 95% CI high", "none": "no transition (left out)"}
+    st.dataframe(category_charts.labelled(summary, labels), width="stretch", hide_index=True)
+    st.subheader("Do the categories hand over at different layers?")
+    comparison = stats.compare_transitions(table, **options)
+    if comparison.empty:
+        st.info("Two categories with traced prompts are needed for a comparison.")
+        return
+    st.caption(
+        "For each pair of categories, B − A is the difference in mean transition layer (positive: B "
+        f"hands over to the final token later). The 95% interval is a percentile bootstrap "
+        f"({stats.RESAMPLES:,} resamples of each category's prompts, seed 0); p is a two-sided "
+        f"permutation test (exact when there are at most {stats.RESAMPLES:,} ways to split the "
+        "prompts, else that many random relabellings). Prompts whose final token never takes over "
+        "have no transition layer: they are left out and counted. Same prompts as the summary."
+    )
+    st.dataframe(category_charts.labelled(comparison, category_charts.COMPARISON_LABELS), width="stretch",
+                 hide_index=True, key="cat_comparison",
+                 column_config={label: st.column_config.NumberColumn(format="%.2f")
+                                for key, label in category_charts.COMPARISON_LABELS.items()
+                                if key in ("mean_a", "mean_b", "difference", "ci_low", "ci_high")})
+    common.download_button("Download the comparison (CSV)", comparison.to_csv(index=False),
+                           "category-comparison.csv", "text/csv", "cat_download_comparison")
+
+
+def show_scatter(lm, results: list[batch.PromptResult], table: pd.DataFrame) -> None:
+    """The transition layer against its confounds; a clicked point opens its trace."""
     st.subheader("Confounds: transition layer per prompt")
     st.caption("Transition layer: the first layer from which restoring the final token beats "
                "restoring the noised token at every later layer (as on the trace page). Prompts in "
-               "the averages only.")
+               "the averages only; points are jittered by a few pixels so equal values stay visible. "
+               "Hover for details, click a point to open its trace.")
     left, right = st.columns(2)
     for column, x in ((left, "token_distance"), (right, "clean_prob")):
         with column:
             chart = category_charts.scatter_chart(table[table["averaged"]], x)
-            st.altair_chart(chart)
+            event = st.altair_chart(chart, on_select="rerun", selection_mode=category_charts.PICK,
+                                    key=f"cat_scatter_{x}_{st.session_state.get(LINKS, 0)}")
             common.chart_downloads(chart, f"transition-vs-{x}", table)
-    st.subheader("Per prompt")
-    st.dataframe(table, width="stretch", hide_index=True)
+        follow(lm, results, picked_row(event, "chart"))
 
 
 def page() -> None:
@@ -200,7 +376,7 @@ def page() -> None:
         st.warning(f"Skipped {r.prompt!r}: {r.message}")
     traced = [r for r in plan if r.trace is not None]
     if traced:
-        show_results(traced, lm.n_layers)
+        show_results(lm, traced, lm.n_layers)
     else:
         st.info("No traces yet for these settings: press the button above to trace the set.")
 
@@ -212,4 +388,5 @@ def render() -> None:
     common.publish_state(common.widget_state(CategoriesState, STATE), STATE)
 
 
-common.run_page(render)
+if __name__ == "__main__":  # run as a page (Streamlit runs page files as __main__); tests import helpers
+    common.run_page(render)

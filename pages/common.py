@@ -24,7 +24,8 @@ OTHER = "Other (hub id, folder or .gguf)…"
 FAILED_KEY = "model_failed"  # (name, message) of the last name that failed to load
 
 
-@st.cache_resource(show_spinner="Loading model…", max_entries=2)
+@st.cache_resource(show_spinner="Loading the model… (the very first start converts the embedded model to "
+                                "safetensors once: about 20 s; a hub model downloads once)", max_entries=2)
 def cached_model(name: str) -> tracing.LoadedModel:
     """One model per name, shared by every browser session."""
     return tracing.load_model(name)
@@ -93,8 +94,22 @@ def download_button(label: str, data, file_name: str, mime: str, key: str, *, ic
     (where or st).download_button(label, data, file_name, mime, key=key, icon=icon, on_click="ignore")
 
 
-def chart_downloads(chart: alt.TopLevelMixin, stem: str, data: pd.DataFrame | None = None) -> None:
-    """PNG, SVG (vl-convert) and CSV download buttons for a chart.
+def file_name(*parts: Any, limit: int = 32) -> str:
+    """A file name stem from descriptive parts: each part's letters, digits, '.', '-' kept, the rest
+    '_', each part cut to ``limit`` characters (``file_name("trace", prompt, "noise0.4")``)."""
+    out = []
+    for part in parts:
+        text = "".join(c if c.isalnum() or c in ".-" else "_" for c in str(part).strip())
+        text = "_".join(filter(None, text[:limit].split("_")))
+        if text:
+            out.append(text)
+    return "_".join(out) or "export"
+
+
+def chart_downloads(chart: alt.TopLevelMixin, stem: str, data: pd.DataFrame | None = None,
+                    name: str | None = None) -> None:
+    """PNG, SVG (vl-convert) and CSV download buttons for a chart; ``stem`` names the buttons'
+    keys, ``name`` the files (default ``stem``; say what is in them: ``file_name(...)``).
 
     The files are made only when a button is clicked (vl-convert takes about a second a chart),
     so reruns stay fast.
@@ -107,7 +122,7 @@ def chart_downloads(chart: alt.TopLevelMixin, stem: str, data: pd.DataFrame | No
     if data is not None:
         files.append(("CSV", lambda: data.to_csv(index=False), "csv", "text/csv"))
     for label, make, suffix, mime in files:
-        download_button(label, make, f"{stem}.{suffix}", mime, f"{stem}-{suffix}",
+        download_button(label, make, f"{name or stem}.{suffix}", mime, f"{stem}-{suffix}",
                         icon=":material/download:", where=row)
 
 
@@ -132,7 +147,7 @@ def result_store() -> ResultStore:
 
 # Each page's URL path (as `st.Page("pages/<name>.py")` infers it, so old links keep working).
 PATHS = {"trace": "trace", "categories": "categories", "attention": "attention",
-         "hidden_states": "hidden_states"}
+         "hidden_states": "hidden_states", "rome": "rome"}
 LANDING = "app_landing_page"  # url path of the page this session opened first (set by app.py)
 
 
@@ -219,8 +234,8 @@ def _load_set(data: bytes, model: str | None) -> pd.DataFrame:
 
 def prompt_set_picker(key: str, *, lm: tracing.LoadedModel | None = None, where: Any = None,
                       upload_key: str | None = None, upload_note: bool = True,
-                      help: str = "CSV columns: category, prompt, expected, subject, notes "
-                                  "(see the README).") -> tuple[pd.DataFrame, str] | None:
+                      help: str = "CSV columns: category, prompt, expected, subject; optional: notes, "
+                                  "noised, model_top1 (see the README).") -> tuple[pd.DataFrame, str] | None:
     """A shipped prompt set or an uploaded CSV: (frame, its name), or None with a message shown
     (nothing uploaded yet, or an unreadable file). With ``lm`` the set is checked against the
     model (model_top1, token problems). Loads are cached by content, so an edited file is read

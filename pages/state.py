@@ -17,8 +17,10 @@ from tracing import hidden, prompts, runcard
 from tracing.query import Parser, choice, flag, integer, number, pair, subset, text as _text
 from tracing.attention import TARGETS as ATTENTION_TARGETS
 from tracing.batch import MIN_EFFECT, TARGETS as BATCH_TARGETS
+from tracing.charts.averages import SPREADS as AVERAGE_SPREADS
 from tracing.charts.hidden import CURVE_SCALES, SPREADS
-from tracing.settings import DEFAULTS, KINDS, NOISE_MODES, NOISE_RANGE, SAMPLES_RANGE, SEED_RANGE, WINDOW_RANGE
+from tracing.heads import TOKENS as HEAD_TOKENS
+from tracing.settings import INTERACTIVE, DEFAULTS, KINDS, NOISE_MODES, NOISE_RANGE, SAMPLES_RANGE, SEED_RANGE, WINDOW_RANGE
 
 UPLOAD = "Upload a CSV…"  # the prompt-set choice that asks for a file
 
@@ -121,7 +123,7 @@ class CategoriesState(PageState):
         "noise_mode": choice(NOISE_MODES), "samples": integer(*SAMPLES_RANGE),
         "seed": integer(*SEED_RANGE), "target": choice(BATCH_TARGETS),
         "window": integer(*WINDOW_RANGE), "correct_only": flag, "combine": flag,
-        "spread": choice(("sem", "std")), "min_effect": number(0.0, 1.0),
+        "spread": choice(tuple(AVERAGE_SPREADS)), "min_effect": number(0.0, 1.0),
     }
     WIDGETS: ClassVar[dict[str, str]] = {
         "prompt_set": "cat_choice", "kind": "cat_kind", "noise": "cat_noise", "noise_mode": "cat_mode",
@@ -168,8 +170,21 @@ class AttentionState(PageState):
     long_n: int = 40
     long_m: int = 800
     long_seed: int = 0
+    long_disjoint: bool = False  # non-overlapping long-text windows
+    head_view: str = "attention"  # per-head grids: attention weights or causal effect
+    fx_scope: str = "set"  # causal effect of a prompt set (per type) or of one prompt
+    fx_token: str = "final"
+    fx_noise: float = INTERACTIVE.noise
+    fx_samples: int = INTERACTIVE.samples
+    fx_seed: int = INTERACTIVE.seed
+    fx_metric: str = "normalised"
+    fx_prompt: int = 0
 
     PARSERS: ClassVar[dict[str, Parser]] = {
+        "long_disjoint": flag, "head_view": choice(("attention", "effect")), "fx_scope": choice(("set", "one")),
+        "fx_token": choice(tuple(HEAD_TOKENS)), "fx_noise": number(*NOISE_RANGE["absolute"]),
+        "fx_samples": integer(*SAMPLES_RANGE), "fx_seed": integer(*SEED_RANGE),
+        "fx_metric": choice(("normalised", "prob", "logprob", "kl")), "fx_prompt": integer(0, 10_000),
         "tab": choice(ATTENTION_TABS), "prompt_set": SET_CHOICE, "skip_flagged": flag,
         "only_right": flag, "target": choice(ATTENTION_TARGETS), "prompt": _text,
         "layer": integer(0, 10_000), "head": lambda v: "mean" if _text(v).strip() == "mean"
@@ -179,7 +194,10 @@ class AttentionState(PageState):
     WIDGETS: ClassVar[dict[str, str]] = {
         "tab": "attn_tab", "prompt_set": "attn_set", "skip_flagged": "attn_skip_flagged",
         "only_right": "attn_only_right", "target": "attn_type_target", "prompt": "attn_single_prompt",
-        "long_n": "attn_long_n", "long_seed": "attn_long_seed",
+        "long_n": "attn_long_n", "long_seed": "attn_long_seed", "long_disjoint": "attn_long_disjoint",
+        "head_view": "attn_head_view", "fx_scope": "attn_fx_scope", "fx_token": "attn_fx_token",
+        "fx_noise": "attn_fx_noise", "fx_samples": "attn_fx_samples", "fx_seed": "attn_fx_seed",
+        "fx_metric": "attn_fx_metric", "fx_prompt": "attn_fx_prompt",
     }  # layer, head and M have model-dependent ranges: the page sets them
 
     def to_query(self) -> dict[str, str]:
@@ -250,9 +268,15 @@ class TraceState(Mapping):
     convention: str = runcard.DEFAULTS["convention"]
     sweep: tuple[float, ...] = tuple(runcard.DEFAULTS["sweep"])
     sweep_on: bool = runcard.DEFAULTS["sweep_on"]
+    rows: str = runcard.DEFAULTS["rows"]
+    row_tokens: tuple[int, ...] = tuple(runcard.DEFAULTS["row_tokens"])
+    tab: str = runcard.DEFAULTS["tab"]
+    sever: str = runcard.DEFAULTS["sever"]
+    sever_token: int = runcard.DEFAULTS["sever_token"]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tokens", tuple(int(i) for i in self.tokens))
+        object.__setattr__(self, "row_tokens", tuple(int(i) for i in self.row_tokens))
         object.__setattr__(self, "sweep", tuple(float(v) for v in self.sweep))
 
     @classmethod

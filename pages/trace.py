@@ -6,12 +6,15 @@ result store, so a noise level already traced shows at once, also after a reload
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
+import os
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -20,10 +23,12 @@ from pages import common
 from pages.state import TraceState
 from tracing import runcard
 from tracing.analysis import transition_layer
-from tracing.causal import Trace, TraceCancelled, causal_trace, embedding_sigma
-from tracing.charts import style
+from tracing.causal import (Trace, TraceCancelled, causal_trace, chunk_work_for, embedding_sigma,
+                            estimate_trace, resolve_rows)
+from tracing.charts import severed, style
 from tracing.charts import trace as charts
-from tracing.model.tokens import answer_token, token_strings, tokenize
+from tracing.model.tokens import (answer_token, completion_token, spacing_hint, subject_positions,
+                                  token_strings, tokenize)
 from tracing.preview import Refinement, preview_trace
 from tracing.settings import (CONVENTIONS, CORRUPTIONS, INTERACTIVE, KINDS, METRICS, NOISE_MODES,
                               NOISE_RANGE, SAMPLES_RANGE, SEED_RANGE, WINDOW_RANGE, lower_is_better)
@@ -33,11 +38,19 @@ SHOWN = "trace_shown"  # the last good result: dict(traces, state, model, source
 CACHE = "trace_cache"  # this session's traces by key (OrderedDict)
 STOPPED = "trace_stopped"  # key of the computation the user stopped
 LIVE_REDRAW_S = 1.5  # least seconds between two redraws of the live heatmap (each costs the browser)
+ASK_ABOVE_S = float(os.environ.get("CAUSAL_TRACING_ASK_S", 60))  # longer exact traces wait for a go-ahead
+CHUNK_SECONDS = 0.4  # most seconds of work between two checks for a new setting (cancel latency)
+CONFIRMED = "trace_confirmed"  # keys whose cost the user accepted
 CARD_MSG = "trace_card_message"  # (kind, text) about the last loaded run card
 SESSION_ITEMS = 64
 W = {name: f"trace_{name}" for name in runcard.DEFAULTS}  # widget keys
 W["noise_sigma"] = "trace_noise_sigma"
 KIND_NAMES = {"hidden": "Hidden state", "mlp": "MLP", "attn": "Attention", "all": "All three"}
+ROW_NAMES = {"all": "every token", "noised_final": "noised + final", "chosen": "chosen tokens"}
+TAB_NAMES = {"heatmap": "Heatmap", "compact": "Noised vs final token", "sweep": "Noise sweep",
+             "severed": "Severed paths", "export": "Export / load"}
+SEVER_NAMES = {"none": "nothing", "mlp": "later MLPs", "attn": "later attention"}
+TAB_KEYS = {label: name for name, label in TAB_NAMES.items()}
 CORRUPTION_NAMES = {"gaussian": "Gaussian", "uniform": "Uniform", "replace": "Token replacement"}
 CHIP = ("display:inline-flex;align-items:baseline;gap:3px;padding:1px 8px;border-radius:12px;"
         "border:1px solid #d0d0d8;background:#f6f6f9;font-family:monospace;font-size:0.9rem;")
@@ -97,6 +110,8 @@ def widget_values(state: TraceState) -> dict[str, Any]:
     sigma_mode = state.noise_mode == "sigma"
     values[W["noise_sigma" if sigma_mode else "noise"]] = float(state.noise)
     values[W["tokens"]] = list(state.tokens)
+    values[W["row_tokens"]] = list(state.row_tokens)
+    values[W["tab"]] = TAB_NAMES[state.tab]
     return values
 
 
@@ -130,6 +145,8 @@ def read_state() -> TraceState:
     mode = values["noise_mode"]
     values["noise"] = float(st.session_state.get(W["noise_sigma" if mode == "sigma" else "noise"]))
     values["tokens"] = sorted(int(i) for i in (st.session_state.get(W["tokens"]) or []))
+    values["row_tokens"] = sorted(int(i) for i in (st.session_state.get(W["row_tokens"]) or []))
+    values["tab"] = TAB_KEYS.get(st.session_state.get(W["tab"]), old.tab)
     values["sweep"] = old.sweep
     return TraceState.from_dict(values)
 
@@ -150,7 +167,7 @@ def prompt_inputs(lm: tracing.LoadedModel) -> list[str] | None:
                       "bring back its prediction.")
     c1, c2, c3 = st.columns([1.3, 2.2, 1.6])
     c1.radio("Noise the tokens of", runcard.NOISE_BY, key=W["noise_by"], horizontal=True,
-             format_func={"subject": "a subject", "tokens": "my pick"}.get,
+             format_func={"subject": "a subject", "tokens": "my pick"}.get, on_change=_start_pick,
              help="Type the subject (its tokens are found in the prompt), or click tokens.")
     by_subject = st.session_state[W["noise_by"]] == "subject"
     if by_subject:
@@ -168,6 +185,18 @@ def prompt_inputs(lm: tracing.LoadedModel) -> list[str] | None:
         with picker:
             _pick_tokens(tokens)
     return tokens
+
+
+def _start_pick() -> None:
+    """Switching to "my pick" with nothing picked starts from the subject's tokens."""
+    if st.session_state.get(W["noise_by"]) != "tokens" or st.session_state.get(W["tokens"]):
+        return
+    try:
+        picked = subject_positions(common.current_model(), st.session_state[W["prompt"]],
+                                   st.session_state[W["subject"]], which=st.session_state[W["subject_tokens"]])
+    except (ValueError, KeyError):
+        return
+    st.session_state[W["tokens"]] = sorted(picked)
 
 
 def _pick_tokens(tokens: list[str]) -> None:
@@ -191,13 +220,29 @@ def token_chips(tokens: list[str], noised: list[int]) -> None:
     st.html(f'<div style="display:flex;flex-wrap:wrap;gap:5px">{"".join(chips)}</div>')
 
 
-def target_inputs() -> None:
+def target_inputs(lm: tracing.LoadedModel) -> None:
     c1, c2 = st.columns(2)
     c1.text_input("Expected completion (empty: the clean top-1 token)", key=W["target"],
                   help="Its first token is the target. Mind the leading space: ' Paris'.")
     c2.text_input("Contrast completion (for the logit difference)", key=W["contrast"],
                   help="Used only by the metric 'logit difference': logit(target) − logit(contrast), "
                        "first token of each.")
+    for name, where in (("target", c1), ("contrast", c2)):
+        _spacing_note(lm, name, where)
+
+
+def _spacing_note(lm: tracing.LoadedModel, name: str, where: Any) -> None:
+    """Say so when a completion typed without its leading space traces a piece of a word."""
+    typed, prompt = st.session_state.get(W[name]) or "", st.session_state.get(W["prompt"]) or ""
+    spaced = spacing_hint(lm, prompt, typed)
+    if spaced is None:
+        return
+    first = lm.tokenizer.decode([completion_token(lm, prompt, typed)])
+    where.warning(f"{style.quote_token(typed)} has no leading space, so its first token is "
+                  f"{style.quote_token(first)}, a piece of a word. After a prompt the next word "
+                  f"usually starts with a space: {style.quote_token(spaced)}.", icon=":material/space_bar:")
+    where.button(f"Use {style.quote_token(spaced)}", key=f"trace_spaced_{name}", on_click=_set_widgets,
+                 kwargs={name: spaced})
 
 
 def noise_inputs(lm: tracing.LoadedModel) -> None:
@@ -260,6 +305,27 @@ def run_inputs(lm: tracing.LoadedModel) -> None:
              help="Hidden kind only. Entering: the seed study's convention. Leaving: ROME's.")
 
 
+def row_inputs(tokens: list[str] | None) -> None:
+    """Which token rows the exact trace computes (each row costs a full set of restorations)."""
+    c1, c2, c3 = st.columns([2.2, 2.6, 1.4])
+    c3.selectbox("Sever (hidden kind)", runcard.SEVERS, key=W["sever"], format_func=SEVER_NAMES.get,
+                 disabled=st.session_state.get(W["kind"]) != "hidden",
+                 help="ROME's severed paths: restore the clean hidden state while that token's MLP "
+                      "(or attention) outputs in every later block keep their corrupted values: "
+                      "how much of the state's effect flows through them. No preview: exact rows "
+                      "only. Compare all three in the Severed paths tab.")
+    c1.radio("Rows to compute", runcard.ROWS, key=W["rows"], horizontal=True, format_func=ROW_NAMES.get,
+             help="Every token's row (the full heatmap), only the noised tokens and the final token "
+                  "(all the compact view and the category averages need: far cheaper on long "
+                  "prompts), or rows you choose. Rows not computed stay empty.")
+    if st.session_state[W["rows"]] == "chosen" and tokens is not None:
+        chosen = [i for i in st.session_state.get(W["row_tokens"]) or [] if 0 <= i < len(tokens)]
+        st.session_state[W["row_tokens"]] = chosen
+        c2.multiselect("Token rows", list(range(len(tokens))), key=W["row_tokens"],
+                       format_func=lambda i: f"{i} {style.show_token(tokens[i])}",
+                       placeholder="Choose token rows")
+
+
 # ---------------------------------------------------------------------------------------------
 # Checks and requests
 
@@ -269,7 +335,8 @@ def noised_tokens(lm: tracing.LoadedModel, state: TraceState, tokens: list[str])
     try:
         noised = runcard.noised_positions(lm, state)
     except ValueError as exc:
-        token_chips(tokens, [])
+        if state["noise_by"] == "subject":  # in pick mode the pills show the tokens already
+            token_chips(tokens, [])
         common.show_error(exc, "Cannot pick the noised tokens")
         return None
     if state["noise_by"] == "subject":
@@ -317,66 +384,150 @@ def _resume() -> None:
     st.session_state.pop(STOPPED, None)
 
 
-def compute(lm: tracing.LoadedModel, request: runcard.TraceRequest, key: str, label: str,
-            slot: str, metric: str) -> Trace:
-    """Run one trace live: the approximate preview at once, then exact rows replacing it as they
-    are computed, with a progress bar and a Stop button; raises TraceCancelled when stopped (a
-    new setting interrupts the run the same way). Only the exact trace is returned."""
-    def stop_button(box: Any) -> None:
-        box.button("Stop", key=f"trace_stop_{slot}", on_click=_stop, args=(key,),
-                   icon=":material/stop_circle:", help="Stop this trace (the last result stays).")
+def _confirm(keys: list[str]) -> None:
+    st.session_state.setdefault(CONFIRMED, set()).update(keys)
 
-    live = st.empty()  # the live picture; the results below replace it when the trace is exact
-    with st.spinner("Preview…"):
-        refinement = Refinement(preview_trace(lm, request.prompt, request.noised,
-                                              settings=request.trace_settings))
-    shown_metric = metric if metric in refinement.metrics or metric == "normalised" else "prob"
-    drawn = [0.0]
+
+def _set_widgets(**values: Any) -> None:
+    for name, value in values.items():
+        st.session_state[W[name]] = value
+
+
+Picture = Callable[[dict[Any, Trace], dict[Any, Any]], Any]  # (traces, exact masks) -> chart
+
+
+def preview_of(lm: tracing.LoadedModel, request: runcard.TraceRequest) -> Refinement:
+    """The request's attribution preview, to be refined by exact rows; rows the exact trace will
+    not compute are left empty in it too."""
+    preview = preview_trace(lm, request.prompt, request.noised, settings=request.trace_settings)
+    if request.rows is not None:
+        skipped = np.ones(len(preview.tokens), dtype=bool)
+        skipped[request.rows] = False
+        metrics = {k: np.where(skipped[:, None], np.nan, v) for k, v in preview.metrics.items()}
+        preview = dataclasses.replace(preview, metrics=metrics)
+    return Refinement(preview)
+
+
+def estimate(lm: tracing.LoadedModel, request: runcard.TraceRequest, **changes: Any) -> float:
+    """Expected seconds of the exact trace of ``request`` (``changes``: other settings, or rows)."""
+    rows = changes.pop("rows", request.rows)
+    settings = request.trace_settings.replace(**changes) if changes else request.trace_settings
+    return estimate_trace(lm, request.prompt, request.noised, settings=settings, rows=rows).seconds
+
+
+def duration(seconds: float) -> str:
+    """'40 s', '12 min', '3.5 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def cost_accepted(lm: tracing.LoadedModel, requests: dict[Any, runcard.TraceRequest],
+                  keys: list[str], state: TraceState) -> bool:
+    """True when the exact traces of ``requests`` are cheap, or the user agreed to their cost;
+    otherwise shows the estimate with cheaper choices and returns False."""
+    if set(keys) <= st.session_state.get(CONFIRMED, set()):
+        return True
+    seconds = sum(estimate(lm, r) for r in requests.values())
+    if seconds <= ASK_ABOVE_S:
+        return True
+    box = st.container(border=True)
+    box.warning(f"The exact trace would take about **{duration(seconds)}** on this machine "
+                f"(it grows with the square of the prompt's length). Above is its preview.",
+                icon=":material/schedule:")
+    row = box.container(horizontal=True, gap="small")
+    row.button(f"Compute it ({duration(seconds)})", key="trace_cost_go", on_click=_confirm, args=(keys,))
+    if state.rows != "noised_final":
+        cheaper = sum(estimate(lm, r, rows=_noised_final(lm, r)) for r in requests.values())
+        row.button(f"Only the noised and final rows ({duration(cheaper)})", key="trace_cost_rows",
+                   on_click=_set_widgets, kwargs={"rows": "noised_final"})
+    if state.samples > 1:
+        cheaper = sum(estimate(lm, r, samples=1) for r in requests.values())
+        row.button(f"1 sample ({duration(cheaper)})", key="trace_cost_samples",
+                   on_click=_set_widgets, kwargs={"samples": 1})
+    return False
+
+
+def _noised_final(lm: tracing.LoadedModel, request: runcard.TraceRequest) -> list[int]:
+    return resolve_rows("noised_final", request.noised, len(tokenize(lm, request.prompt)))
+
+
+def get_traces(lm: tracing.LoadedModel, requests: dict[Any, runcard.TraceRequest], state: TraceState,
+               slot: str = "main", picture: Picture | None = None,
+               label: Callable[[Any], str] = lambda kind: style.KIND_LABELS[kind],
+               ) -> tuple[dict[Any, Trace], str] | None:
+    """Exact traces of every request (from the caches when known), drawn live while they compute:
+    ``picture(traces, masks)`` shows previews of the missing ones at once, then their exact rows
+    replacing the preview's as they arrive, with a progress bar and a Stop button. Returns
+    (traces, source) or None when stopped or waiting for the user to accept the cost. Only exact
+    traces are returned and stored; a new setting interrupts the run (Streamlit's rerun)."""
+    keys = {name: trace_key(lm, request) for name, request in requests.items()}
+    found = {name: lookup(key) for name, key in keys.items()}
+    traces = {name: trace for name, (trace, _) in found.items() if trace is not None}
+    missing = [name for name in requests if name not in traces]
+    if not missing:
+        sources = {source for _, source in found.values()}
+        return traces, "store" if "store" in sources else "session"
+    if any(st.session_state.get(STOPPED) == keys[name] for name in missing):
+        _stopped_note()
+        return None
+    st.session_state.pop(STOPPED, None)  # other settings now: the stop is over
+    if any(requests[name].trace_settings.sever for name in missing):
+        picture = None  # severed traces have no preview: their exact rows, with progress
+    live: dict[Any, Refinement] = {}
+    if picture is not None:
+        with st.spinner("Preview (a first-order estimate, about a second)…"):
+            live = {name: preview_of(lm, requests[name]) for name in missing}
+    holder, drawn = st.empty(), [0.0]
 
     def draw(force: bool = False) -> None:
-        if force or time.perf_counter() - drawn[0] > LIVE_REDRAW_S:
-            live.altair_chart(charts.heatmap(refinement.trace, shown_metric, exact=refinement.exact),
-                              width="content")
+        if picture is not None and (force or time.perf_counter() - drawn[0] > LIVE_REDRAW_S):
+            shown = {name: traces[name] if name in traces else live[name].trace for name in requests}
+            masks = {name: live[name].exact if name in live else None for name in requests}
+            holder.altair_chart(picture(shown, masks), width="content")
             drawn[0] = time.perf_counter()
 
-    def on_rows(block: Any) -> None:
-        refinement.add(block)
-        draw()
-
     draw(force=True)
-    rows = 8 * max(1, int(request.kwargs["samples"])) * max(1, len(lm.tokenizer(request.prompt)["input_ids"]))
-    with common.progress(f"{label}: exact rows replacing the preview", unit="%",
-                         first=f"{label}: clean and corrupted runs…",
+    if not cost_accepted(lm, {name: requests[name] for name in missing}, [keys[n] for n in missing], state):
+        return None
+    for i, name in enumerate(missing):
+        count = f" ({i + 1}/{len(missing)})" if len(missing) > 1 else ""
+        try:
+            traces[name] = exact_trace(lm, requests[name], keys[name], f"{label(name)}{count}",
+                                       f"{slot}_{i}", live.get(name), draw)
+        except TraceCancelled:
+            _stopped_note()
+            return None
+        remember(keys[name], traces[name])
+        live.pop(name, None)
+    holder.empty()
+    return {name: traces[name] for name in requests}, "computed"
+
+
+def exact_trace(lm: tracing.LoadedModel, request: runcard.TraceRequest, key: str, label: str, slot: str,
+                refinement: Refinement | None, draw: Callable[..., None]) -> Trace:
+    """The exact trace, its rows handed to ``refinement`` (and redrawn) as they are computed;
+    progress counts work (rows of early tokens cost the most), so the ETA is honest. Raises
+    TraceCancelled when stopped."""
+    def stop_button(box: Any) -> None:
+        box.button("Stop", key=f"trace_stop_{slot}", on_click=_stop, args=(key,),
+                   icon=":material/stop_circle:", help="Stop this trace (the rows so far stay drawn).")
+
+    def on_rows(block: Any) -> None:
+        if refinement is not None:
+            refinement.add(block)
+            draw()
+
+    rows = 8 * max(1, int(request.kwargs["samples"])) * max(1, len(tokenize(lm, request.prompt)))
+    with common.progress(f"Tracing {label}: exact rows replacing the preview", unit="%",
+                         first=f"Tracing {label}: clean and corrupted runs…",
                          stopped=lambda: st.session_state.get(STOPPED) == key, below=stop_button) as update:
-        trace = causal_trace(lm, request.prompt, request.noised, progress=update, on_rows=on_rows,
-                             token_rows_per_batch=rows, settings=request.trace_settings)
-    live.empty()
-    return trace
-
-
-def get_traces(lm: tracing.LoadedModel, requests: dict[str, runcard.TraceRequest],
-               slot: str = "main", metric: str = "prob") -> tuple[dict[str, Trace], str] | None:
-    """Traces of every request (cache first); None if stopped. Raises ValueError for bad input."""
-    traces, sources = {}, []
-    for i, (kind, request) in enumerate(requests.items()):
-        key = trace_key(lm, request)
-        trace, source = lookup(key)
-        if trace is None:
-            if st.session_state.get(STOPPED) == key:
-                _stopped_note()
-                return None
-            st.session_state.pop(STOPPED, None)  # other settings now: the stop is over
-            count = f" ({i + 1}/{len(requests)})" if len(requests) > 1 else ""
-            label = f"Tracing {style.KIND_LABELS[kind]}{count}"
-            try:
-                trace = compute(lm, request, key, label, f"{slot}_{kind}", metric)
-            except TraceCancelled:
-                _stopped_note()
-                return None
-            remember(key, trace)
-            source = "computed"
-        traces[kind], sources = trace, sources + [source]
-    return traces, ("computed" if "computed" in sources else sources[0])
+        return causal_trace(lm, request.prompt, request.noised, progress=update, on_rows=on_rows,
+                            rows=request.rows, token_rows_per_batch=rows,
+                            max_chunk_work=chunk_work_for(lm, CHUNK_SECONDS),
+                            settings=request.trace_settings)
 
 
 def _stopped_note() -> None:
@@ -390,12 +541,24 @@ def _stopped_note() -> None:
 # Results
 
 
-def metric_for(traces: dict[str, Trace], metric: str) -> str:
+def metric_for(traces: dict[Any, Trace], metric: str, quiet: bool = False) -> str:
     """The metric to draw (probability when a trace lacks the logit difference)."""
     if all(metric != "logit_diff" or "logit_diff" in t.metrics for t in traces.values()):
         return metric
-    st.warning("These traces have no logit difference (no contrast); showing the probability.")
+    if not quiet:
+        st.warning("These traces have no logit difference (no contrast); showing the probability.")
     return "prob"
+
+
+def main_picture(metric: str) -> Picture:
+    """The live picture of the page's own traces: one heatmap, or the three kinds side by side."""
+    def picture(traces: dict[str, Trace], masks: dict[str, Any]) -> Any:
+        shown = metric_for(traces, metric, quiet=True)
+        if len(traces) > 1:
+            return charts.kinds_side_by_side(traces, shown, exact=masks)
+        kind, trace = next(iter(traces.items()))
+        return charts.heatmap(trace, shown, exact=masks[kind])
+    return picture
 
 
 def target_note(trace: Trace) -> str:
@@ -413,7 +576,7 @@ def summary(trace: Trace, metric: str, source: str) -> None:
     """Clean / corrupted values, best cell, transition layer, time."""
     values = trace.metric(metric)
     low, high = trace.metric_bounds(metric)
-    best = values.argmin() if lower_is_better(metric) else values.argmax()
+    best = np.nanargmin(values) if lower_is_better(metric) else np.nanargmax(values)
     t, layer = divmod(int(best), trace.n_layers)
     transition = transition_layer(trace, metric)
     title = charts.metric_title(trace, metric)
@@ -431,6 +594,31 @@ def summary(trace: Trace, metric: str, source: str) -> None:
     cols[4].metric("Computed in", f"{trace.elapsed:.1f} s", help=loaded)
     st.caption(f"{target_note(trace)} Best cell: token {t} `{style.show_token(trace.tokens[t])}`, "
                f"layer {layer}. {loaded}")
+
+
+def summary_table(traces: dict[str, Trace], metric: str, source: str) -> None:
+    """One row of summary numbers per kind ("All three"): each kind's own clean and corrupted
+    values, best restoration, transition layer and time."""
+    rows = []
+    for kind, trace in traces.items():
+        values = trace.metric(metric)
+        low, high = trace.metric_bounds(metric)
+        best = np.nanargmin(values) if lower_is_better(metric) else np.nanargmax(values)
+        t, layer = divmod(int(best), trace.n_layers)
+        transition = transition_layer(trace, metric)
+        rows.append({"restored": KIND_NAMES[kind], "clean": high, "corrupted": low,
+                     "best restoration": float(values.flat[best]),
+                     "best cell": f"token {t} {style.show_token(trace.tokens[t])}, layer {layer}",
+                     "transition layer": "none" if transition is None else str(transition),
+                     "seconds": round(float(trace.elapsed), 1)})
+    title = charts.metric_title(next(iter(traces.values())), metric)
+    st.markdown(f"**{title}, per kind**")
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", column_config={
+        name: st.column_config.NumberColumn(format="%.4g") for name in ("clean", "corrupted", "best restoration")})
+    loaded = {"session": "Loaded from this session's cache.",
+              "store": "Loaded from the result store (on disk)."}.get(source, "Just computed.")
+    st.caption(f"{target_note(next(iter(traces.values())))} Each row is that kind's own trace; the "
+               f"transition layer is computed per kind. {loaded}")
 
 
 def top_tables(trace: Trace) -> None:
@@ -455,7 +643,7 @@ def heatmap_tab(traces: dict[str, Trace], metric: str) -> None:
     st.caption("Rows: tokens (index, token; * = noised, ␣ = space). Columns: layers. Colour: the "
                "metric with that one state restored, from the corrupted run's value (white) up. "
                "Hover a cell for exact numbers.")
-    common.chart_downloads(chart, "trace_heatmap", data)
+    common.chart_downloads(chart, "trace_heatmap", data, name=export_name("trace_heatmap", traces))
 
 
 def compact_tab(traces: dict[str, Trace], metric: str) -> None:
@@ -468,7 +656,8 @@ def compact_tab(traces: dict[str, Trace], metric: str) -> None:
             continue
         chart = charts.compact(trace, metric)
         st.altair_chart(chart, width="content")
-        common.chart_downloads(chart, f"trace_compact_{kind}", charts.compact_frame(trace, metric))
+        common.chart_downloads(chart, f"trace_compact_{kind}", charts.compact_frame(trace, metric),
+                               name=export_name("trace_compact", {kind: trace}))
 
 
 def export_tab(lm: tracing.LoadedModel, traces: dict[str, Trace], metric: str, state: TraceState) -> None:
@@ -478,7 +667,7 @@ def export_tab(lm: tracing.LoadedModel, traces: dict[str, Trace], metric: str, s
     st.markdown("**Numbers with the run card** (model and revision, prompt, noised tokens, every "
                 "setting, package versions). Load a JSON export back below to reproduce the page.")
     for kind, trace in traces.items():
-        stem = f"trace_{kind}_{_slug(trace.prompt)}_noise{trace.settings.get('noise', 0):g}"
+        stem = export_name("trace", {kind: trace})
         page = {**state.to_dict(), "kind": kind}
         c1, c2, c3 = st.columns([1, 1, 4], vertical_alignment="center")
         which = f" · {KIND_NAMES[kind]}" if len(traces) > 1 else ""
@@ -497,9 +686,12 @@ def _later(function: Any, *args: Any) -> Any:
     return lambda: function(*args)
 
 
-def _slug(text: str, limit: int = 24) -> str:
-    keep = "".join(c if c.isalnum() else "_" for c in text.strip())[:limit]
-    return keep.strip("_") or "prompt"
+def export_name(what: str, traces: dict[str, Trace], noise: bool = True) -> str:
+    """A file name saying what an export holds: what, prompt, kind(s), noise level and seed."""
+    trace = next(iter(traces.values()))
+    kinds = "all" if len(traces) > 1 else trace.kind
+    level = [f"noise{trace.settings.get('noise', 0):g}"] if noise else []
+    return common.file_name(what, trace.prompt, kinds, *level, f"seed{trace.settings.get('seed', 0)}")
 
 
 def card_upload() -> None:
@@ -573,17 +765,65 @@ def sweep_tab(lm: tracing.LoadedModel, state: TraceState, metric: str, ok: bool)
         return state
     kind = "hidden" if state.kind == "all" else state.kind
     requests = {level: runcard.trace_request(lm, state, kind, noise=level) for level in state.sweep}
-    traces = {}
-    for level, request in requests.items():
-        got = get_traces(lm, {kind: request}, slot=f"sweep_{level:g}")
-        if got is None:
-            return state
-        traces[level] = got[0][kind]
+    metric = state.metric
+
+    def picture(traces: dict[float, Trace], masks: dict[float, Any]) -> Any:
+        return charts.noise_sweep(traces, metric_for(traces, metric, quiet=True), exact=masks)
+
+    got = get_traces(lm, requests, state, slot="sweep", picture=picture, label=lambda level: f"noise {level:g}")
+    if got is None:
+        return state
+    traces = got[0]
     metric = metric_for(traces, metric)
     chart = charts.noise_sweep(traces, metric)
     st.altair_chart(chart, width="content")
     data = pd.concat([charts.trace_frame(t, metric).assign(noise=level) for level, t in traces.items()])
-    common.chart_downloads(chart, "trace_noise_sweep", data)
+    common.chart_downloads(chart, "trace_noise_sweep", data,
+                           name=export_name("trace_noise_sweep", {kind: traces[min(traces)]}, noise=False))
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Severed paths (ROME Fig. 3)
+
+
+def severed_tab(lm: tracing.LoadedModel, state: TraceState, tokens: list[str] | None, metric: str,
+                ok: bool) -> TraceState:
+    """ROME's comparison at one token: the effect per layer of restoring its hidden state with
+    nothing severed, the later MLPs severed and the later attention severed. Only that token's row
+    is computed (three exact traces of one row each)."""
+    st.caption("Restore the clean hidden state of one token at each layer, while that token's MLP "
+               "(or attention) outputs in every later block keep their corrupted values: the gap to "
+               "the unsevered curve is the share of the effect that flows through them (Meng et al. "
+               "2022, Fig. 3). One noise sample per trace, the same for all three.")
+    if not ok or tokens is None:
+        st.info("Fix the settings above to compare severed paths.")
+        return state
+    if state.corruption == "replace" and not state.replacement.strip():
+        return state
+    noised = runcard.noised_positions(lm, state)
+    default = max(noised)
+    options = list(range(len(tokens)))
+    if st.session_state.get(W["sever_token"]) not in options:
+        st.session_state[W["sever_token"]] = default if state.sever_token < 0 or state.sever_token >= len(tokens) \
+            else state.sever_token
+    token = st.selectbox("At token", options, key=W["sever_token"],
+                         format_func=lambda i: f"{i} {style.show_token(tokens[i])}" + ("*" if i in noised else ""),
+                         help="ROME's figure uses the last subject token (the default here).")
+    state = state.replace(sever_token=-1 if token == default else int(token))
+    requests = {part: runcard.trace_request(lm, state, "hidden", sever=part, rows=[token])
+                for part in runcard.SEVERS}
+    got = get_traces(lm, requests, state, slot="severed",
+                     label=lambda part: f"{SEVER_NAMES[part]} severed" if part != "none" else "nothing severed")
+    if got is None:
+        return state
+    traces = {None if part == "none" else part: trace for part, trace in got[0].items()}
+    shown = metric_for(got[0], metric)
+    chart = severed.severed_comparison(traces, token, shown)
+    st.altair_chart(chart, width="content")
+    data = severed.severed_frame(traces, token, shown)
+    common.chart_downloads(chart, "trace_severed", data,
+                           name=export_name(f"trace_severed_token{token}", {"hidden": got[0]["none"]}))
     return state
 
 
@@ -598,9 +838,10 @@ def inputs(lm: tracing.LoadedModel) -> tuple[TraceState, list[str] | None, list[
         tokens = prompt_inputs(lm)
         state = read_state()
         noised = noised_tokens(lm, state, tokens) if tokens is not None else None
-    target_inputs()
+    target_inputs(lm)
     noise_inputs(lm)
     run_inputs(lm)
+    row_inputs(tokens)
     state = read_state()
     return state, tokens, noised
 
@@ -613,7 +854,7 @@ def trace_now(lm: tracing.LoadedModel, state: TraceState, tokens, noised) -> boo
 
     def trace() -> dict | None:
         check_request(lm, state, len(tokens))
-        got = get_traces(lm, requests_for(lm, state), metric=state.metric)
+        got = get_traces(lm, requests_for(lm, state), state, picture=main_picture(state.metric))
         if got is None:  # stopped
             return None
         traces, source = got
@@ -622,7 +863,8 @@ def trace_now(lm: tracing.LoadedModel, state: TraceState, tokens, noised) -> boo
     return common.keep_last_good(SHOWN, trace, "Cannot trace these settings")[1]
 
 
-def results(lm: tracing.LoadedModel, state: TraceState, current: bool, ok: bool) -> TraceState:
+def results(lm: tracing.LoadedModel, state: TraceState, current: bool, ok: bool,
+            tokens: list[str] | None = None) -> TraceState:
     """The last good result (with a warning when it is not the current settings'); returns the
     state with the sweep's levels."""
     shown = st.session_state.get(SHOWN)
@@ -633,19 +875,37 @@ def results(lm: tracing.LoadedModel, state: TraceState, current: bool, ok: bool)
                    f"{shown['state']['prompt']!r}, noise {shown['state']['noise']:g}).")
     traces = shown["traces"]
     metric = metric_for(traces, state.metric)
-    first = next(iter(traces.values()))
-    summary(first, metric, shown["source"] if current else "session")
-    top_tables(first)
-    tabs = st.tabs(["Heatmap", "Noised vs final token", "Noise sweep", "Export / load"])
-    with tabs[0]:
-        heatmap_tab(traces, metric)
-    with tabs[1]:
-        compact_tab(traces, metric)
-    with tabs[3]:
-        export_tab(lm, traces, metric, shown["state"])
-        card_upload()
-    with tabs[2]:
-        return sweep_tab(lm, state, metric, ok and current)
+    source = shown["source"] if current else "session"
+    if len(traces) > 1:
+        summary_table(traces, metric, source)
+    else:
+        summary(next(iter(traces.values())), metric, source)
+    top_tables(next(iter(traces.values())))
+    # tabs that rerun when switched: only the open one runs (the sweep computes only when shown)
+    tabs = dict(zip(TAB_NAMES, st.tabs(list(TAB_NAMES.values()), key=W["tab"], on_change="rerun")))
+    state = state.replace(tab=TAB_KEYS.get(st.session_state.get(W["tab"]), state.tab))
+    if _showing(tabs["heatmap"]):
+        with tabs["heatmap"]:
+            heatmap_tab(traces, metric)
+    if _showing(tabs["compact"]):
+        with tabs["compact"]:
+            compact_tab(traces, metric)
+    if _showing(tabs["export"]):
+        with tabs["export"]:
+            export_tab(lm, traces, metric, shown["state"])
+            card_upload()
+    if _showing(tabs["severed"]):
+        with tabs["severed"]:
+            state = severed_tab(lm, state, tokens, metric, ok and current)
+    if _showing(tabs["sweep"]):
+        with tabs["sweep"]:
+            return sweep_tab(lm, state, metric, ok and current)
+    return state
+
+
+def _showing(tab: Any) -> bool:
+    """Whether a tab is open (True when Streamlit does not say)."""
+    return tab.open is not False
 
 
 def main() -> None:
@@ -665,7 +925,7 @@ def main() -> None:
                 st.info("Nothing traced yet: fix the inputs above.")
             card_upload()
             return
-    publish(results(lm, state, ok, ok))
+    publish(results(lm, state, ok, ok, tokens))
 
 
 common.run_page(main)

@@ -3,8 +3,9 @@
 Prints absolute seconds and ratios (never asserts): `make bench` or
 `.venv/bin/python scripts/benchmark.py [--samples 10] [--kinds hidden mlp attn] [--quick]`.
 With --random-gpt2-xl (for a GPU box) it times GPT-2-XL-sized models with random weights.
-With --preview it times the first-order preview (tracing.preview) on the Eiffel prompt and measures
-its accuracy against the exact engine over the shipped prompt set (--limit N prompts).
+Then (unless --no-preview) it times the first-order preview (tracing.preview) on the Eiffel prompt,
+measures its accuracy against the exact engine over the whole shipped prompt set (--limit N prompts:
+fewer), and how soon a running trace notices a cancel. --preview runs only those parts.
 """
 
 from __future__ import annotations
@@ -111,13 +112,46 @@ def bench_preview(lm, kinds: list[str], limit: int | None, samples: int = 3, noi
           "the exact one's (same token, within one layer)")
 
 
+def bench_cancel(lm, kinds: list[str], samples: int = 3, seconds: float = 0.4) -> None:
+    """How soon a trace notices a cancel: the longest and the 95th-percentile gap between two
+    progress calls (the page checks for a new setting at each), with the page's work cap per
+    chunk (``chunk_work_for(lm, seconds)``) and without one, and what the cap costs in total time."""
+    from tracing.causal import chunk_work_for
+
+    noised = tracing.subject_positions(lm, EIFFEL, "Eiffel Tower")
+    causal_trace(lm, EIFFEL, noised, kind="hidden", noise=0.41, samples=samples)  # measure the speed once
+    print(f"cancel latency, Eiffel prompt, {samples} samples: gaps between progress calls "
+          f"(cap = chunk_work_for(lm, {seconds}) = {chunk_work_for(lm, seconds)} block-positions)")
+    print(f"{'kind':8} {'cap':>4} {'max gap s':>10} {'p95 gap s':>10} {'total s':>8}")
+    for i, kind in enumerate(kinds):
+        totals = {}
+        for capped in (False, True):
+            stamps = [time.perf_counter()]
+
+            def progress(done: int, total: int) -> bool:
+                stamps.append(time.perf_counter())
+                return True
+
+            level = 0.45 + 0.01 * i + (0.005 if capped else 0)  # a new noise level each time
+            cap = chunk_work_for(lm, seconds) if capped else None
+            _, total = timed(lambda: causal_trace(lm, EIFFEL, noised, kind=kind, noise=level, samples=samples,
+                                                  progress=progress, max_chunk_work=cap))
+            gaps = np.diff(stamps)
+            totals[capped] = total
+            print(f"{kind:8} {'yes' if capped else 'no':>4} {gaps.max():10.3f} {np.percentile(gaps, 95):10.3f} "
+                  f"{total:8.2f}")
+        print(f"{'':8} the cap costs {totals[True] / totals[False]:.2f}x the uncapped time")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--kinds", nargs="+", default=["hidden", "mlp", "attn"])
     parser.add_argument("--quick", action="store_true", help="time the naive loop on a third of the cells and extrapolate")
     parser.add_argument("--random-gpt2-xl", action="store_true", help="GPT-2-XL-sized random model (GPU box)")
-    parser.add_argument("--preview", action="store_true", help="time the first-order preview and measure its accuracy")
+    parser.add_argument("--preview", action="store_true",
+                        help="only the first-order preview's speed and accuracy, and the cancel latency")
+    parser.add_argument("--no-preview", action="store_true", help="only the engine against the naive loop")
     parser.add_argument("--limit", type=int, default=None, help="--preview: only the first N prompts of the set")
     args = parser.parse_args()
     if args.random_gpt2_xl:
@@ -132,6 +166,7 @@ def main() -> None:
         lm = tracing.load_model(tracing.DEFAULT_MODEL)
     if args.preview:
         bench_preview(lm, args.kinds, args.limit)
+        bench_cancel(lm, args.kinds)
         return
     noised = [1, 2, 3]
     n_tokens = len(lm.tokenizer(EIFFEL)["input_ids"])
@@ -147,6 +182,11 @@ def main() -> None:
               f"{r['speedup']:7.1f}x {r['max_abs_diff']:11.2e}")
     print("naive = one whole-model forward per cell with hooks"
           + (" (timed on a third of the cells, extrapolated)" if args.quick else ""))
+    if not args.no_preview and not args.random_gpt2_xl:
+        print()
+        bench_preview(lm, args.kinds, args.limit)
+        print()
+        bench_cancel(lm, args.kinds)
 
 
 if __name__ == "__main__":

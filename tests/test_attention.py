@@ -281,6 +281,38 @@ def test_sample_windows():
         A.sample_windows(ids, 0, 10)
 
 
+def test_disjoint_windows_never_overlap():
+    ids = np.arange(1000)
+    for seed in range(20):
+        starts = A.sample_windows(ids, 7, 130, seed=seed, disjoint=True)
+        assert len(starts) == 7 and starts.min() >= 0 and starts.max() + 130 <= 1000
+        assert (np.diff(starts) >= 130).all()  # sorted, each window ends before the next starts
+        assert A.window_coverage(starts, 130) == 7 * 130
+    np.testing.assert_array_equal(A.sample_windows(ids, 7, 130, 3, True), A.sample_windows(ids, 7, 130, 3, True))
+    assert A.max_disjoint_windows(1000, 130) == 7
+    with pytest.raises(ValueError, match="only 7 non-overlapping windows of 130"):
+        A.sample_windows(ids, 8, 130, disjoint=True)
+
+
+def test_window_coverage_and_overlap_hand_computed(tiny):
+    assert A.window_coverage([0, 5, 20], 10) == 15 + 10  # 0..14 and 20..29
+    lm = tiny("gpt2")
+    r = A.long_text_attention(lm, TEXT, n_samples=4, length=12, seed=0)
+    covered = A.window_coverage(r.starts, 12)
+    assert r.covered_tokens == covered and r.overlap == pytest.approx(4 * 12 / covered) and not r.disjoint
+    d = A.long_text_attention(lm, TEXT, n_samples=2, length=12, seed=0, disjoint=True)
+    assert d.disjoint and d.overlap == 1.0 and (np.diff(d.starts) >= 12).all()
+
+
+def test_category_difference_of_any_per_head_frame():
+    heads = pd.DataFrame({"category": ["a", "a", "b", "b"], "layer": [0, 1, 0, 1], "head": [0, 0, 0, 0],
+                          "mean": [0.5, 0.25, 0.125, 1.0]})
+    diff = A.category_difference(heads, "a", "b").set_index("layer")
+    assert diff["difference"].tolist() == [0.375, -0.75]
+    with pytest.raises(ValueError, match="category 'c'"):
+        A.category_difference(heads, "a", "c")
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox"])
 def test_long_text_reduction_matches_direct_computation(tiny, family):
     lm = tiny(family)

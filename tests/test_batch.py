@@ -11,12 +11,14 @@ from tracing.__main__ import main
 from tracing.analysis import transition_layer
 from tracing.batch import (
     PromptResult,
+    Tally,
     category_averages,
     category_summary,
     normalised_rows,
     plan_batch,
     prompt_table,
     run_batch,
+    write_table,
 )
 from tracing.causal import causal_trace
 from tracing.prompts import load_prompt_set, shipped_sets
@@ -286,3 +288,51 @@ def test_explicit_noised_indices_override_the_subject(tiny, tmp_path, three_prom
     n_tokens = len(batch.results[1].trace.tokens)
     assert batch.results[0].trace.noised == [0]
     assert batch.results[1].trace.noised == [n_tokens - 2]
+
+
+# -- backends, progress tally, Parquet (no Ray started) -----------------------------------------
+
+
+def test_backend_arguments_are_checked(tiny, three_prompts):
+    lm, frame = tiny("gpt2"), three_prompts.head(1)
+    with pytest.raises(ValueError, match="backend must be one of local, ray"):
+        run_batch(lm, frame, SETTINGS, backend="spark")
+    for bad in ({"workers": 2}, {"address": "10.0.0.1:6379"}, {"gpus_per_worker": 1}):
+        with pytest.raises(ValueError, match="need backend='ray'"):
+            run_batch(lm, frame, SETTINGS, **bad)
+    for workers in (0, 1.5, True):
+        with pytest.raises(ValueError, match="workers must be a whole number"):
+            run_batch(lm, frame, SETTINGS, backend="ray", workers=workers)
+    with pytest.raises(SystemExit):  # argparse: not a backend
+        main(["batch", "--backend", "spark"])
+    assert main(["batch", "--workers", "2"]) == 2  # Ray flags without --backend ray
+
+
+def test_tally_counts_and_eta():
+    tally = Tally(total=4, started=0.0)
+    done = [PromptResult(0, "semantic", "a", " x", "s", status="stored"),
+            PromptResult(1, "semantic", "b", " x", "s", status="computed", worker="w1", seconds=2.0, attempts=1),
+            PromptResult(2, "semantic", "c", " x", "s", status="computed", worker="w2", seconds=4.0, attempts=2),
+            PromptResult(3, "semantic", "d", " x", "s", status="failed", message="bad", attempts=1)]
+    for r in done[:3]:
+        tally.add(r)
+    assert (tally.done, tally.failed, tally.retried, tally.computed) == (3, 0, 1, 2)
+    assert tally.per_worker == {"w1": [1, 2.0], "w2": [1, 4.0]}
+    eta = tally.eta()  # (now - 0) / 2 computed * 1 left
+    assert eta is not None and eta > 0
+    line = tally.line(width=4)
+    assert line.startswith("[###.] 3/4 · 0 failed · 1 retried · w1 0.50/s w2 0.25/s · ETA ")
+    tally.add(done[3])
+    assert tally.failed == 1 and tally.eta() == 0
+    assert Tally(total=2).eta() is None and "ETA" not in Tally(total=2).line()
+
+
+def test_tables_as_parquet_and_csv(tmp_path):
+    table = prompt_table(hand_set())
+    parquet = write_table(table, tmp_path / "t.parquet")
+    back = pd.read_parquet(parquet)
+    assert list(back.columns) == list(table.columns) and len(back) == len(table)
+    np.testing.assert_allclose(back["clean_prob"].astype(float), table["clean_prob"].astype(float), equal_nan=True)
+    assert list(back["status"]) == list(table["status"])
+    averages = write_table(category_averages(hand_set()), tmp_path / "a.csv")
+    assert set(pd.read_csv(averages)["row"]) == {"noised token", "final token"}

@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 WAIT_MS = 600_000
 CHART = '[data-testid="stVegaLiteChart"]'  # not any canvas: st.data_editor draws on one
-TITLES = {"Single-prompt trace", "Category averages", "Attention", "Hidden states"}
+TITLES = {"Single-prompt trace", "Category averages", "Attention", "Hidden states", "ROME averages"}
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +190,74 @@ def test_deep_link_on_a_fresh_server_gets_the_apps_navigation(browser, tmp_path)
             assert not tab.locator('[data-testid="stException"]').count()
         finally:
             context.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# One study across page switches and reloads; nothing requested elsewhere; a quiet console
+
+LOCAL_HOSTS = {"127.0.0.1", "localhost"}
+PICKED = {"prompt": "The Eiffel Tower is in", "noise_by": "tokens", "tokens": "3", "samples": "1",
+          "seed": "77"}
+
+
+def _go_to(page, title: str) -> None:
+    page.locator('[data-testid="stTopNavLink"]').filter(has_text=title).first.click()
+    wait_idle(page, WAIT_MS / 1000)
+
+
+def _picked_pills(page) -> list[str]:
+    """Labels of the selected pills (the picked tokens)."""
+    pills = page.locator('[data-testid="stButtonGroup"] button[aria-checked="true"], '
+                         '[data-testid="stButtonGroup"] button[aria-pressed="true"], '
+                         '[data-testid="stBaseButton-pillsActive"]')
+    return [pills.nth(i).inner_text().strip() for i in range(pills.count())]
+
+
+def _query(page) -> dict[str, str]:
+    from urllib.parse import parse_qs, urlparse
+
+    return {k: v[0] for k, v in parse_qs(urlparse(page.url).query).items()}
+
+
+def test_picked_tokens_survive_page_switches_and_reloads(server, page):
+    page.goto(f"{server.url}/?{urlencode(PICKED)}")
+    _wait_for_chart(page)
+    assert _picked_pills(page) == ["3 ␣Tower"], _picked_pills(page)
+    for title in ("Hidden states", "Attention", "Single-prompt trace"):
+        _go_to(page, title)
+    _wait_for_chart(page)
+    screenshot(page, "study_after_page_switches")
+    assert _picked_pills(page) == ["3 ␣Tower"], _picked_pills(page)
+    assert _query(page).get("tokens") == "3" and _query(page).get("noise_by") == "tokens", page.url
+    assert not _problems(page), _problems(page)
+    page.reload()
+    _wait_for_chart(page)
+    assert _picked_pills(page) == ["3 ␣Tower"] and _query(page).get("tokens") == "3"
+    assert not _problems(page), _problems(page)
+
+
+def test_nothing_is_requested_from_other_hosts_and_the_console_stays_quiet(server, page):
+    from urllib.parse import urlparse
+
+    foreign: list[str] = []
+    console: list[str] = []
+
+    def route(request_route) -> None:
+        host = urlparse(request_route.request.url).hostname
+        if host in LOCAL_HOSTS or request_route.request.url.startswith(("data:", "blob:")):
+            request_route.continue_()
+        else:
+            foreign.append(request_route.request.url)
+            request_route.abort()
+
+    page.route("**/*", route)
+    page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type in ("warning", "error") else None)
+    page.goto(f"{server.url}/?{urlencode(PICKED)}")
+    _wait_for_chart(page)
+    for title in ("Category averages", "Attention", "Hidden states", "ROME averages", "Single-prompt trace"):
+        _go_to(page, title)
+        time.sleep(1)
+    wait_idle(page, WAIT_MS / 1000)
+    assert not foreign, f"{len(foreign)} requests to other hosts: {sorted(set(foreign))[:10]}"
+    assert not console, console[:20]
+    assert "Traceback" not in server.log_tail(400) and "Warning" not in server.log_tail(400), server.log_tail(60)

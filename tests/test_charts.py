@@ -148,8 +148,12 @@ def test_noise_sweep_shares_one_colour_scale():
     assert all(d == domains[0] for d in domains)
     assert domains[0][0] == pytest.approx(min(t.low for t in traces.values()))
     assert domains[0][-1] == pytest.approx(max(t.scores.max() for t in traces.values()))
-    assert sum(p["encoding"]["color"].get("legend") is not None for p in panels) == 1
+    legends = [p["encoding"]["color"].get("legend") for p in panels]
+    assert all(legend == legends[0] for legend in legends) and legends[0]  # one legend, merged
     assert spec["resolve"]["scale"]["color"] == "shared"
+    import vl_convert as vlc
+    svg = vlc.vegalite_to_svg(charts.noise_sweep(traces).to_json())
+    assert svg.count('role-legend-title') == 1  # drawn once, without Vega's "conflicting legend" warning
     values = {p["title"]["text"]: [r["value"] for r in spec["datasets"][p["data"]["name"]]]
               for p in panels}
     assert values["noise 0.5"] == traces[0.5].scores.ravel().tolist()

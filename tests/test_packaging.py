@@ -50,6 +50,7 @@ def test_wheel_holds_every_module_and_the_shipped_prompt_sets(wheel):
     packaged = {n for n in names if n.endswith(".py")}
     assert packaged == modules, sorted(packaged - modules)  # nothing else (no app, pages, tests)
     assert {"default.csv", "quick.csv", "long_text_default.txt"} <= set(SHIPPED)
+    assert {"tracing/charts/fonts/DejaVuSans.ttf", "tracing/charts/fonts/LICENSE.txt"} <= set(names)  # exports' font
     data = {n.removeprefix("tracing/prompt_sets/") for n in names if n.startswith("tracing/prompt_sets/")}
     assert data == set(SHIPPED)
     for name in SHIPPED:  # byte for byte the checkout's files
@@ -87,7 +88,7 @@ def test_installed_copy_finds_the_shipped_prompt_sets(wheel, tmp_path):
     installed = (site / "tracing").resolve()
     assert Path(got["tracing"]).resolve() == installed / "__init__.py"
     assert Path(got["prompts_dir"]).resolve() == installed / "prompt_sets"
-    assert list(got["shipped"]) == ["default", "quick"]  # default first
+    assert list(got["shipped"]) == ["default", "facts", "quick"]  # default first
     assert all(Path(p).resolve().parent == installed / "prompt_sets" for p in got["shipped"].values())
     assert got["long_text"]
     # the default set as read from the checkout by this process

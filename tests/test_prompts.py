@@ -168,6 +168,16 @@ def test_prompt_file_errors_name_the_file_and_line(text, message):
     assert str(info.value).startswith("mine.csv: ") and message in str(info.value), str(info.value)
 
 
+def test_missing_column_message_lists_only_required_columns_as_required():
+    message = str(error_of("category,prompt,subject\nsemantic,a b,a\n"))
+    assert "line 1: missing column 'expected'" in message
+    assert "the header must contain category, prompt, expected, subject (optional: notes, noised, " \
+           "model_top1)" in message, message
+    assert "missing column 'notes'" not in message
+    required = message.split("must contain ")[1].split(" (optional")[0]
+    assert "notes" not in required  # issue 12 item 12: notes is optional
+
+
 def test_many_problems_are_listed_with_a_count():
     text = FOUR + "".join(f"bogus{i},a b, c,a\n" for i in range(25))
     with pytest.raises(PromptSetError) as info:

@@ -261,3 +261,75 @@ def test_concurrent_puts_and_gets(tmp_path):
     for i in range(6):
         np.testing.assert_array_equal(fresh.get(key(seed=i)).scores, make_trace(seed=i).scores)
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+# -- head traces (tracing.heads.HeadTrace) --------------------------------------------------------
+
+
+def make_head_trace(seed: int = 0, token: int = 2):
+    from tracing.heads import RECORD, HeadTrace
+
+    rng = np.random.default_rng(seed)
+    prob = rng.random((4, 3))
+    return HeadTrace(
+        prompt="The capital of", tokens=["The", " capital", " of"], token_ids=[1, 2, 3], noised=[1], token=token,
+        target_id=7, target=" France", metrics={"prob": prob, "kl": rng.random((4, 3))},
+        metric_low={"prob": 0.1, "kl": 1.5}, metric_high={"prob": 0.8, "kl": 0.0},
+        settings={**canonical_settings(SETTINGS), "token": token, "record": RECORD}, sigma=None, noise_std=0.4,
+        clean_top=[(" France", 0.8)], corrupted_top=[(" the", 0.3)], elapsed=0.5, model={"name": "m"},
+    )
+
+
+def test_existing_trace_keys_are_unchanged():
+    """Pinned from the store before head traces existed: causal-trace keys must never move."""
+    assert key() == "d7b543df7292268a318d288ff4001cbb3de4055643978f39dc7331d139a29738"
+    assert key(rows=[1, 2]) == "fcbb6222b5167ad9682dc12638a2da5c0f522d2c23e7794537cfb8ea0acd8ac8"
+    assert "record" not in canonical_settings(SETTINGS) and "token" not in canonical_settings(SETTINGS)
+
+
+def test_head_trace_keys_include_the_record_type_and_token():
+    head = key(record="head", token=2)
+    assert head not in (key(), key(record="trace"))
+    assert head != key(record="head", token=1)
+    assert head == key(record="head", token=np.int64(2))
+    assert key(record="trace") == key()
+    for bad, message in (({"record": "head"}, "restored token"), ({"record": "head", "token": -1}, "restored token"),
+                         ({"record": "nope"}, "Unknown record"), ({"token": 2}, "head-trace setting")):
+        with pytest.raises(ValueError, match=message):
+            key(**bad)
+
+
+def test_head_trace_round_trip_and_dispatch(tmp_path):
+    from tracing.heads import HeadTrace
+
+    store = ResultStore(tmp_path)
+    head, trace = make_head_trace(), make_trace()
+    k_head, k_trace = key(record="head", token=2), key()
+    store.put(k_head, head)
+    store.put(k_trace, trace)
+    store.forget_memory()
+    read = store.get(k_head)
+    assert isinstance(read, HeadTrace) and read.token == 2 and read.settings == head.settings
+    for name in head.metrics:
+        np.testing.assert_array_equal(read.metrics[name], head.metrics[name])
+    assert read.low == 0.1 and read.clean_top == head.clean_top
+    assert isinstance(store.get(k_trace), Trace) and not isinstance(store.get(k_trace), HeadTrace)
+    meta = json.loads(Path(store._paths(k_head)[0]).read_text())
+    assert meta["record"] == "head"
+
+
+def test_entries_without_a_record_type_read_as_traces(tmp_path):
+    """Entries written before record types existed have no "record": they are causal traces."""
+    store = ResultStore(tmp_path)
+    k = key()
+    store.put(k, make_trace())
+    path = Path(store._paths(k)[0])
+    meta = json.loads(path.read_text())
+    del meta["record"]
+    path.write_text(json.dumps(meta))
+    store.forget_memory()
+    assert isinstance(store.get(k), Trace)
+    meta["record"] = "something else"
+    path.write_text(json.dumps(meta))
+    store.forget_memory()
+    assert store.get(k) is None  # unknown record type: treated as damaged

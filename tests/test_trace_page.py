@@ -13,11 +13,13 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from pages.trace import TAB_NAMES
 from tracing import runcard
 from tracing.charts import trace as charts
 from tracing.charts.style import to_png, to_svg
@@ -66,6 +68,12 @@ def metric(at: AppTest, starts: str) -> str:
     return next(m.value for m in at.metric if m.label.startswith(starts))
 
 
+def show_tab(at: AppTest, name: str) -> AppTest:
+    """Open one of the result tabs (they rerun the page when switched; only the open one runs)."""
+    at.session_state["trace_tab"] = TAB_NAMES[name]
+    return at.run()
+
+
 def cached_from(at: AppTest) -> str:
     return " ".join(c.value for c in at.caption if "Best cell" in c.value)
 
@@ -86,8 +94,14 @@ def test_first_load_shows_the_eiffel_heatmap():
     assert trace.settings["noise"] == 0.4 and trace.settings["samples"] == 3
     assert metric(at, "Clean p") == f"{trace.high:.4g}"
     assert at.query_params["noise"] == ["0.4"] or at.query_params["noise"] == "0.4"
-    assert {b.label for b in at.get("download_button")} >= {"PNG", "SVG", "CSV", "JSON"}
+    assert {b.label for b in at.get("download_button")} >= {"PNG", "SVG", "CSV"}
     assert all(b.proto.ignore_rerun for b in at.get("download_button"))  # a download never reruns
+    assert at.query_params["tab"] in (["heatmap"], "heatmap")
+    show_tab(at, "export")  # only the open tab runs
+    assert {b.label for b in at.get("download_button")} >= {"JSON", "CSV"}
+    assert not any(b.label == "PNG" for b in at.get("download_button"))
+    assert at.query_params["tab"] in (["export"], "export")
+    assert all(b.proto.ignore_rerun for b in at.get("download_button"))
 
 
 def test_moving_the_noise_slider_retraces_and_returning_is_instant():
@@ -185,8 +199,11 @@ def test_exports_and_loading_a_run_card_back():
     assert not at.exception
     trace = shown(at)["traces"]["hidden"]
     keys = {b.key for b in at.get("download_button")}
-    assert {"trace_heatmap-png", "trace_heatmap-svg", "trace_heatmap-csv", "trace_json_hidden",
-            "trace_csv_hidden", "trace_compact_hidden-png"} <= keys
+    assert {"trace_heatmap-png", "trace_heatmap-svg", "trace_heatmap-csv"} <= keys
+    show_tab(at, "compact")
+    assert "trace_compact_hidden-png" in {b.key for b in at.get("download_button")}
+    show_tab(at, "export")
+    assert {"trace_json_hidden", "trace_csv_hidden"} <= {b.key for b in at.get("download_button")}
     # the exported files are valid and carry the trace's numbers
     assert to_png(charts.heatmap(trace))[:8] == b"\x89PNG\r\n\x1a\n"
     ET.fromstring(to_svg(charts.compact(trace)))
@@ -218,6 +235,8 @@ def test_exports_and_loading_a_run_card_back():
                                                      "application/json")
     at.run()
     assert any("from the model 'gpt2'" in e for e in errors(at))
+    assert not at.exception
+    show_tab(at, "heatmap")  # the page keeps working
     assert charts_of(at) and not at.exception
 
 
@@ -250,11 +269,12 @@ def test_all_three_kinds_side_by_side():
     spec = json.loads(charts_of(at)[0].proto.spec)
     ranges = [p["encoding"]["color"]["scale"]["range"][-1] for p in spec["hconcat"]]
     assert ranges == [charts.RAMPS[k][-1] for k in ("hidden", "mlp", "attn")]
+    show_tab(at, "export")
     assert {"trace_json_mlp", "trace_json_attn"} <= {b.key for b in at.get("download_button")}
 
 
 def test_noise_sweep_on_one_colour_scale():
-    params = {**SHORT, "noise_by": "tokens", "tokens": "3", "sweep": "0.1,0.4", "sweep_on": "1"}
+    params = {**SHORT, "noise_by": "tokens", "tokens": "3", "sweep": "0.1,0.4", "tab": "sweep"}
     params.pop("subject")
     at = open_page(params)
     assert not at.exception and not errors(at), errors(at)
@@ -274,3 +294,99 @@ def test_noise_sweep_on_one_colour_scale():
     assert rows["value"].tolist() == pytest.approx(main.scores.ravel().tolist())
     at.text_input(key="trace_sweep").set_value("0.1, lots").run()
     assert any("Bad noise levels" in e for e in errors(at))
+
+
+def test_rows_choice_computes_only_those_rows():
+    at = open_page({**SHORT, "rows": "noised_final"})
+    assert not at.exception and not errors(at), errors(at)
+    trace = shown(at)["traces"]["hidden"]
+    n = len(trace.tokens)
+    computed = sorted(set(trace.noised) | {n - 1})
+    assert trace.settings["rows"] == computed
+    skipped = [i for i in range(n) if i not in computed]
+    assert np.isnan(trace.scores[skipped]).all() and not np.isnan(trace.scores[computed]).any()
+    _, rows = heatmap(at)
+    empty = rows[rows["value"].isna()]["token_index"].unique().tolist()
+    assert sorted(empty) == skipped  # skipped rows are drawn empty, not faked
+    assert at.query_params["rows"] in (["noised_final"], "noised_final")
+    # chosen rows, and a bad choice says so
+    at.radio(key="trace_rows").set_value("chosen").run()
+    assert any("No rows to compute" in e for e in errors(at))
+    at.multiselect(key="trace_row_tokens").set_value([0, n - 1]).run()
+    assert not errors(at), errors(at)
+    assert shown(at)["traces"]["hidden"].settings["rows"] == [0, n - 1]
+
+
+def test_an_expensive_trace_asks_first_and_offers_cheaper_choices(monkeypatch):
+    monkeypatch.setenv("CAUSAL_TRACING_ASK_S", "0.000001")  # every exact trace counts as expensive
+    at = open_page({**SHORT, "seed": str(SEED + 7), "samples": "2"})
+    assert not at.exception
+    asked = [w for w in warnings(at) if "would take about" in w]
+    assert asked, warnings(at)
+    assert "trace_shown" not in at.session_state  # nothing exact yet
+    assert any("APPROXIMATE PREVIEW" in c.proto.spec for c in charts_of(at))  # the preview shows
+    labels = {b.key: b.label for b in at.button}
+    assert {"trace_cost_go", "trace_cost_rows", "trace_cost_samples"} <= set(labels)
+    at.button(key="trace_cost_samples").click().run()  # take the cheaper choice: 1 sample
+    assert at.number_input(key="trace_samples").value == 1
+    assert any("would take about" in w for w in warnings(at))  # still above the (tiny) limit
+    at.button(key="trace_cost_go").click().run()
+    assert not at.exception and not errors(at), errors(at)
+    assert shown(at)["traces"]["hidden"].settings["samples"] == 1
+    assert not any("would take about" in w for w in warnings(at))
+
+
+def test_a_completion_without_its_leading_space_is_flagged_with_a_fix():
+    at = open_page({**SHORT, "target": "Paris"})
+    assert not at.exception
+    assert any("no leading space" in w for w in warnings(at)), warnings(at)
+    at.button(key="trace_spaced_target").click().run()
+    assert at.text_input(key="trace_target").value == " Paris"
+    assert not any("no leading space" in w for w in warnings(at))
+
+
+def test_my_pick_starts_from_the_subjects_tokens_and_shows_them_once():
+    at = open_page(SHORT)
+    subject = list(shown(at)["traces"]["hidden"].noised)
+    at.radio(key="trace_noise_by").set_value("tokens").run()
+    assert not at.exception and not errors(at), errors(at)
+    assert list(at.session_state["trace_tokens"]) == subject
+    assert not [h for h in at.get("html") if "iffel" in h.proto.body]  # pills only, no chips
+    # the subject is still there when coming back to it
+    at.radio(key="trace_noise_by").set_value("subject").run()
+    assert at.text_input(key="trace_subject").value == "Eiffel Tower" and not errors(at)
+
+
+def test_all_three_kinds_each_have_their_own_summary():
+    at = open_page({**SHORT, "kind": "all"})
+    assert not at.exception and not errors(at), errors(at)
+    traces = shown(at)["traces"]
+    table = next(d.value for d in at.dataframe if "transition layer" in d.value.columns)
+    assert table["restored"].tolist() == ["Hidden state", "MLP", "Attention"]
+    for (_, row), trace in zip(table.iterrows(), traces.values()):
+        assert row["clean"] == pytest.approx(trace.high) and row["corrupted"] == pytest.approx(trace.low)
+        assert row["best restoration"] == pytest.approx(float(np.nanmax(trace.scores)))
+
+
+def test_severed_paths_tab_compares_three_exact_rows(embedded):
+    from tracing.causal import causal_trace
+
+    at = open_page({**SHORT, "tab": "severed"})
+    assert not at.exception and not errors(at), errors(at)
+    chart = next(c for c in charts_of(at) if "Severed paths at token" in c.proto.spec)
+    rows = chart_rows(chart) if "effect" in chart_rows(chart) else next(
+        pa.ipc.open_stream(d.data.data).read_pandas() for d in chart.proto.datasets
+        if "effect" in pa.ipc.open_stream(d.data.data).read_pandas())
+    main = shown(at)["traces"]["hidden"]
+    token = max(main.noised)  # the default: the last noised token
+    for part in (None, "mlp", "attn"):
+        expected = causal_trace(embedded, main.prompt, main.noised, settings=main.trace_settings.replace(sever=part),
+                                rows=[token]).scores[token]
+        got = rows[rows["sever"] == (part or "none")].sort_values("layer")["value"].to_numpy()
+        assert got == pytest.approx(expected, abs=1e-6), part
+    assert at.query_params["tab"] in (["severed"], "severed")
+    # severing as the main trace's own setting: a severed heatmap
+    at.selectbox(key="trace_sever").set_value("mlp").run()
+    assert not at.exception and not errors(at), errors(at)
+    assert shown(at)["traces"]["hidden"].sever == "mlp"
+    assert at.query_params["sever"] in (["mlp"], "mlp")

@@ -11,21 +11,23 @@ from .attention import attention_to
 from .batch import run_batch
 from .categories import CATEGORIES
 from .causal import Trace, TraceCancelled, causal_trace
+from .heads import HeadTrace, head_trace
 from .hidden import LogitLens, final_token_states, logit_lens
 from .model import (DEFAULT_MODEL, EXAMPLE_MODELS, LoadedModel, ModelLoadError, Runner,
                     UnsupportedArchitectureError, adapter_for, load_model, record_attention,
                     supported_families)
 from .model.tokens import subject_positions
 from .prompts import PromptSetError, load_prompt_set, noised_positions
+from .rome import average_indirect_effects
 from .settings import METRICS, Metric, TraceSettings
 from .store import ResultStore
 
 __all__ = [
-    "CATEGORIES", "DEFAULT_MODEL", "EXAMPLE_MODELS", "LoadedModel", "LogitLens", "METRICS",
+    "CATEGORIES", "DEFAULT_MODEL", "EXAMPLE_MODELS", "HeadTrace", "LoadedModel", "LogitLens", "METRICS",
     "Metric", "ModelLoadError", "PromptSetError", "ResultStore", "Runner", "Trace",
     "TraceCancelled", "TraceSettings", "UnsupportedArchitectureError", "adapter_for",
-    "attention_to", "causal_trace", "describe", "final_token_states", "followed_token",
-    "handover_layer", "load_model", "load_prompt_set", "logit_lens", "noised_positions",
+    "attention_to", "average_indirect_effects", "causal_trace", "describe", "final_token_states", "followed_token",
+    "handover_layer", "head_trace", "load_model", "load_prompt_set", "logit_lens", "noised_positions",
     "record_attention", "run_batch", "subject_positions", "supported_families",
     "transition_layer",
 ]

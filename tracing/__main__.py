@@ -1,10 +1,13 @@
-"""Command line: ``python -m tracing batch ...`` (headless batch tracing into the result store) and
-``python -m tracing prompts FILE`` (check a prompt set).
+"""Command line: ``python -m tracing batch ...`` (headless batch tracing into the result store),
+``python -m tracing rome ...`` (ROME's average indirect effects on a fact set; ``tracing.cli_rome``)
+and ``python -m tracing prompts FILE`` (check a prompt set).
 
 Examples::
 
     python -m tracing batch --model gpt2-xl --prompts prompts/default.csv --noise 0.5 --samples 10
     python -m tracing batch --prompts my.csv --kind mlp --window 10 --table table.csv --averages avg.csv
+    python -m tracing batch --prompts prompts/default.csv --backend ray --workers 2 --table table.parquet
+    python -m tracing batch --model gpt2-xl --backend ray --address 10.0.0.1:6379 --workers 8 --gpus-per-worker 1
     python -m tracing prompts prompts/default.csv --model SmolLM2-135M-Instruct --write checked.csv
 """
 
@@ -15,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import cli_rome
 from .causal import ROW_CHOICES
 from .settings import CONVENTIONS, CORRUPTIONS, DEFAULTS, KINDS, NOISE_MODES, TraceSettings
 
@@ -42,11 +46,36 @@ def _batch_parser(sub) -> None:
     p.add_argument("--store", default=None, help="result-store folder (default: cache/results)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--table", default=None, help="write the per-prompt table to this CSV")
-    p.add_argument("--averages", default=None, help="write the category averages to this CSV")
+    p.add_argument("--table", default=None, help="write the per-prompt table to this CSV (or .parquet)")
+    p.add_argument("--averages", default=None, help="write the category averages to this CSV (or .parquet)")
     p.add_argument("--correct-only", action="store_true", help="averages over correct prompts only")
     p.add_argument("--combine", action="store_true", help="combine the regurgitation categories")
     p.add_argument("--quiet", action="store_true")
+    add_backend_arguments(p)
+
+
+def add_backend_arguments(p: argparse.ArgumentParser) -> None:
+    """``--backend``, ``--workers``, ``--address``, ``--gpus-per-worker`` (batch and rome)."""
+    from .batch import BACKENDS
+
+    g = p.add_argument_group("Ray backend (docs/CLUSTER.md)")
+    g.add_argument("--backend", default="local", choices=BACKENDS,
+                   help="local: one prompt after another here; ray: a pool of Ray workers")
+    g.add_argument("--workers", type=int, default=None, help="Ray workers (default 1)")
+    g.add_argument("--address", default=None,
+                   help="Ray cluster address (ray start --head); default: a private local instance on loopback")
+    g.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="GPUs per Ray worker (default: 1 when the cluster has GPUs and the model is on CUDA)")
+
+
+def backend_options(args: argparse.Namespace) -> dict:
+    """run_batch keywords from the backend arguments (ValueError for Ray flags without --backend ray)."""
+    if args.backend == "local":
+        if args.workers not in (None, 1) or args.address or args.gpus_per_worker is not None:
+            raise ValueError("--workers, --address and --gpus-per-worker need --backend ray")
+        return {}
+    return {"backend": "ray", "workers": args.workers or 1, "address": args.address,
+            "gpus_per_worker": args.gpus_per_worker}
 
 
 def _prompts_parser(sub) -> None:
@@ -60,10 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``python -m tracing`` argument parser."""
     parser = argparse.ArgumentParser(
         prog="python -m tracing",
-        description="Headless batch tracing into the result store (batch) and prompt-set checks (prompts).",
+        description="Headless batch tracing into the result store (batch), ROME's average indirect "
+                    "effects on a fact set (rome) and prompt-set checks (prompts).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _batch_parser(sub)
+    cli_rome.add_parser(sub)
     _prompts_parser(sub)
     return parser
 
@@ -86,39 +117,88 @@ def _select(frame, categories: list[str] | None, limit: int | None):
 
 
 def run_batch_command(args: argparse.Namespace) -> int:
-    """``batch``: trace the set, print progress and a summary, optionally write CSVs."""
-    from .batch import category_averages, category_summary, plan_batch, prompt_table, run_batch
+    """``batch``: trace the set, print progress and a summary, optionally write CSV or Parquet."""
+    from .batch import category_averages, category_summary, plan_batch, prompt_table, run_batch, write_table
     from .prompts import load_prompt_set
     from .store import ResultStore
 
+    backend = backend_options(args)
     frame = _select(load_prompt_set(args.prompts), args.category, args.limit)
     lm = _load(args.model, args.device, args.dtype)
     store = ResultStore(args.store)
     settings = TraceSettings(kind=args.kind, noise=args.noise, noise_mode=args.noise_mode,
                              samples=args.samples, seed=args.seed, window=args.window,
                              convention=args.convention, corruption=args.corruption)
-
-    def progress(done: int, total: int, result) -> None:
-        if not args.quiet:
-            extra = f" {result.seconds:.1f} s" if result.status == "computed" else ""
-            note = f" ({result.message})" if result.message else ""
-            print(f"[{done}/{total}] {result.status:9} {result.prompt!r}{extra}{note}", file=sys.stderr)
-
     if not args.quiet:
         print(_estimate_text(lm, plan_batch(lm, frame, settings, store, args.target, args.rows)), file=sys.stderr)
     try:
-        batch = run_batch(lm, frame, settings, store, target=args.target, progress=progress, rows=args.rows)
+        batch = run_batch(lm, frame, settings, store, target=args.target, rows=args.rows,
+                          **_progress_options(args, len(frame), bool(backend)), **backend)
     except KeyboardInterrupt:
         print("interrupted: finished prompts are stored; run again to resume", file=sys.stderr)
         return 130
     print(f"{len(batch.results)} prompts in {batch.elapsed:.1f} s: {batch.counts}; store {store.root}")
+    if batch.backend == "ray":
+        print(_workers_text(batch))
     options = dict(correct_only=args.correct_only, combine_regurgitation=args.combine)
     print(category_summary(batch.results, **options).to_string(index=False))
     if args.table:
-        prompt_table(batch.results).to_csv(args.table, index=False)
+        write_table(prompt_table(batch.results), args.table)
     if args.averages:
-        category_averages(batch.results, **options).to_csv(args.averages, index=False)
+        write_table(category_averages(batch.results, **options), args.averages)
+        print(_comparison_text(prompt_table(batch.results), options))
     return 0
+
+
+def _comparison_text(table, options: dict) -> str:
+    """The seed's claim with statistics: per pair of categories, the difference in mean transition
+    layer with its bootstrap 95% CI and permutation p-value (``stats.compare_transitions``)."""
+    from .batch import MIN_EFFECT
+    from .stats import compare_transitions
+
+    try:
+        pairs = compare_transitions(table, **options, min_effect=MIN_EFFECT, seed=0, resamples=10_000)
+    except ValueError as exc:
+        return f"no comparison of categories: {exc}"
+    if pairs.empty:
+        return "no comparison of categories (fewer than two categories with transitions)"
+    columns = ["pair", "difference", "ci_low", "ci_high", "p_value", "n_a", "n_b"]
+    return ("difference in mean transition layer (b - a), bootstrap 95% CI, permutation p (seed 0):\n"
+            + pairs[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+
+
+def _progress_options(args: argparse.Namespace, total: int, ray: bool) -> dict:
+    """run_batch's ``progress`` (one line per prompt; with Ray also done / failed / retried,
+    per-worker throughput and ETA) and ``notify`` (worker deaths and retries)."""
+    from .batch import Tally
+
+    tally = Tally(total)
+
+    def progress(done: int, total: int, result) -> None:
+        tally.add(result)
+        if not args.quiet:
+            extra = f" {result.seconds:.1f} s" if result.status == "computed" else ""
+            note = f" ({result.message})" if result.message else ""
+            where = f" on {result.worker}" if ray and result.worker else ""
+            print(f"[{done}/{total}] {result.status:9} {result.prompt!r}{extra}{where}{note}", file=sys.stderr)
+            if ray:
+                print(f"  {tally.line()}", file=sys.stderr)
+
+    def notify(text: str) -> None:
+        print(f"ray: {text}", file=sys.stderr)
+
+    return {"progress": progress, **({"notify": notify} if ray else {})}
+
+
+def _workers_text(batch) -> str:
+    """One line per Ray worker: where it ran, what it traced, its throughput."""
+    lines = [f"ray: {len(batch.workers)} workers, {batch.retried} prompts retried"
+             + (f", local instance started in {batch.start_seconds:.1f} s" if batch.start_seconds else "")]
+    for w in batch.workers:
+        lines.append(f"  {w.label} pid {w.pid} on {w.host} ({w.device}): {w.prompts} prompts, "
+                     f"{w.throughput():.2f} prompts/s, model loaded in {w.load_seconds:.1f} s"
+                     + ("" if w.prompts or w.pid else " (never started)"))
+    return "\n".join(lines)
 
 
 def _estimate_text(lm, plan) -> str:
@@ -163,6 +243,8 @@ def run_prompts_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m tracing``."""
     args = build_parser().parse_args(argv)
+    if args.command == "rome":
+        return cli_rome.main(args)  # it reports its own errors
     started = time.perf_counter()
     try:
         code = run_batch_command(args) if args.command == "batch" else run_prompts_command(args)

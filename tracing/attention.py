@@ -243,15 +243,21 @@ def head_summary(result: PromptSetAttention, target: str) -> pd.DataFrame:
 
 def head_difference(result: PromptSetAttention, target: str, a: str, b: str) -> pd.DataFrame:
     """Per layer and head: mean attention to ``target`` in category ``a`` minus category ``b``."""
-    heads = head_summary(result, target)
+    out = category_difference(head_summary(result, target), a, b)
+    out.insert(0, "target", target)
+    return out
+
+
+def category_difference(heads: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
+    """``layer, head, mean_a, mean_b, difference`` from a per-head frame (``category, layer, head,
+    mean``: attention weights or causal effects) of categories ``a`` and ``b``."""
     for category in (a, b):
-        if category not in result.categories:
+        if category not in set(heads["category"]):
             raise ValueError(f"No prompts of category '{category}' were measured.")
     left = heads[heads["category"] == a].set_index(["layer", "head"])["mean"]
     right = heads[heads["category"] == b].set_index(["layer", "head"])["mean"]
     out = pd.DataFrame({"mean_a": left, "mean_b": right}).reset_index()
     out["difference"] = out["mean_a"] - out["mean_b"]
-    out.insert(0, "target", target)
     return out
 
 
@@ -291,17 +297,40 @@ def text_ids(lm: "LoadedModel", text: str) -> np.ndarray:
     return np.asarray(lm.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
 
 
-def sample_windows(ids: np.ndarray, n_samples: int, length: int, seed: int = 0) -> np.ndarray:
-    """Start offsets of ``n_samples`` windows of ``length`` tokens (distinct when possible)."""
+def sample_windows(ids: np.ndarray, n_samples: int, length: int, seed: int = 0,
+                   disjoint: bool = False) -> np.ndarray:
+    """Start offsets of ``n_samples`` windows of ``length`` tokens: random starts (distinct when
+    possible; windows may overlap), or with ``disjoint`` non-overlapping windows (random slots of
+    a tiling with a random offset; ValueError when the text holds fewer than ``n_samples``)."""
     if n_samples < 1:
         raise ValueError("The number of samples must be at least 1.")
     if length < 2:
         raise ValueError("The sample length must be at least 2 tokens.")
     if len(ids) < length:
         raise ValueError(f"The text has only {len(ids)} tokens: choose a sample length of at most {len(ids)} tokens.")
-    n_starts = len(ids) - length + 1
     rng = np.random.default_rng(seed)
+    if disjoint:
+        slots = max_disjoint_windows(len(ids), length)
+        if n_samples > slots:
+            raise ValueError(f"The text ({len(ids):,} tokens) holds only {slots} non-overlapping windows of "
+                             f"{length} tokens: choose at most {slots} samples, or shorter windows.")
+        offset = int(rng.integers(0, len(ids) - slots * length + 1))
+        return np.sort(offset + rng.choice(slots, size=n_samples, replace=False) * length)
+    n_starts = len(ids) - length + 1
     return np.sort(rng.choice(n_starts, size=n_samples, replace=n_samples > n_starts))
+
+
+def max_disjoint_windows(n_tokens: int, length: int) -> int:
+    """How many non-overlapping windows of ``length`` tokens a text of ``n_tokens`` holds."""
+    return int(n_tokens) // max(int(length), 1)
+
+
+def window_coverage(starts: Sequence[int], length: int) -> int:
+    """Distinct token positions covered by windows of ``length`` tokens at ``starts``."""
+    covered = np.zeros(int(max(starts)) + int(length), dtype=bool)
+    for begin in starts:
+        covered[int(begin):int(begin) + int(length)] = True
+    return int(covered.sum())
 
 
 def first_token_attention(lm: "LoadedModel", window: Sequence[int]) -> np.ndarray:
@@ -335,6 +364,7 @@ class LongTextAttention:
     """Mean over windows of the attention token i pays to the window's first token.
 
     ``mean[layer, head, i]``; ``per_sample[s, i]`` (averaged over layers and heads) for the spread.
+    ``disjoint``: the windows were drawn without overlap.
     """
 
     model: str
@@ -344,6 +374,18 @@ class LongTextAttention:
     n_text_tokens: int
     seed: int
     elapsed: float = 0.0
+    disjoint: bool = False
+
+    @property
+    def covered_tokens(self) -> int:
+        """Distinct tokens of the text inside at least one window."""
+        return window_coverage(self.starts, self.length)
+
+    @property
+    def overlap(self) -> float:
+        """Mean number of windows each covered token is in (1.0: no overlap). Above 1, the windows
+        are not independent samples and a spread over windows overstates the evidence."""
+        return self.n_samples * self.length / max(1, self.covered_tokens)
 
     @property
     def length(self) -> int:
@@ -362,8 +404,10 @@ def long_text_attention(
     seed: int = 0,
     progress: Progress | None = None,
     window_fn: AttendFn = first_token_attention,
+    disjoint: bool = False,
 ) -> LongTextAttention:
-    """Mean attention to the first token against position, over random windows of a text.
+    """Mean attention to the first token against position, over random windows of a text
+    (``disjoint``: non-overlapping windows, see ``sample_windows``).
 
     ``length`` is capped at the model's context. ``window_fn(lm, window_ids)`` returns
     [L, H, length] (inject a cached version); ``progress(done, total)`` after each window.
@@ -371,7 +415,7 @@ def long_text_attention(
     start_time = time.perf_counter()
     ids = text_ids(lm, text)
     length = min(int(length), lm.n_ctx)
-    starts = sample_windows(ids, int(n_samples), length, seed)
+    starts = sample_windows(ids, int(n_samples), length, seed, disjoint)
     total = np.zeros((lm.n_layers, lm.n_heads, length), dtype=np.float64)
     per_sample = np.zeros((len(starts), length), dtype=np.float32)
     for s, begin in enumerate(starts):
@@ -388,6 +432,7 @@ def long_text_attention(
         n_text_tokens=len(ids),
         seed=seed,
         elapsed=time.perf_counter() - start_time,
+        disjoint=bool(disjoint),
     )
 
 

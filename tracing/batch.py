@@ -2,7 +2,9 @@
 
 ``run_batch`` traces every prompt of a set with one set of settings, reading finished traces from
 the result store and writing new ones to it, so an interrupted batch resumes where it stopped.
-The analysis functions work on its results: per prompt, the normalised trace rows of the noised
+With ``backend="ray"`` the pending prompts are traced by a pool of Ray actors (``distributed``), on
+this machine or a cluster; the driver still writes the store. The analysis functions work on its
+results: per prompt, the normalised trace rows of the noised
 token and of the final token (0 = corrupted run, 1 = clean run), averaged per category.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
 ROWS = ("noised token", "final token")
 MIN_EFFECT = 0.05  # prompts whose clean - corrupted p is below this are left out of averages
 TARGETS = ("expected", "top1")
+BACKENDS = ("local", "ray")
 
 BatchProgress = Callable[[int, int, "PromptResult"], "bool | None"]
 CellProgress = Callable[[int, int], "bool | None"]
@@ -50,6 +54,9 @@ class PromptResult:
     message: str = ""
     seconds: float = 0.0
     settings: dict[str, Any] | None = None  # the full trace settings (with noised and target)
+    worker: str = ""  # the Ray worker that traced it (backend "ray")
+    worker_pid: int | None = None
+    attempts: int = 0  # times it was sent to a Ray worker (more than 1: retried after a worker died)
 
 
 @dataclass
@@ -61,6 +68,10 @@ class BatchResult:
     cancelled: bool = False
     elapsed: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)
+    backend: str = "local"
+    retried: int = 0  # prompts sent again because their Ray worker died
+    workers: list[Any] = field(default_factory=list)  # distributed.WorkerStats, backend "ray"
+    start_seconds: float = 0.0  # starting a local Ray instance
 
     def traced(self) -> list[PromptResult]:
         """The results that have a trace."""
@@ -128,6 +139,11 @@ def run_batch(
     should_stop: Callable[[], bool] | None = None,
     trace: TraceFunction = causal_trace,
     rows: str = "all",
+    backend: str = "local",
+    workers: int = 1,
+    address: str | None = None,
+    gpus_per_worker: float | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> BatchResult:
     """Trace every prompt of ``prompts`` (a prompt-set DataFrame) with one set of ``settings``.
 
@@ -136,12 +152,41 @@ def run_batch(
     is called after each prompt and ``prompt_progress(done, total)`` within one; either returning
     False, or ``should_stop()`` returning True, cancels (finished prompts stay stored).
     ``trace`` computes one trace (``causal_trace``'s signature; tests inject a stand-in).
+
+    ``backend="ray"``: the pending prompts go to ``workers`` Ray actors (``distributed``) on a
+    local loopback instance (``address=None``) or the cluster at ``address``, ``gpus_per_worker``
+    GPUs each (default: one when the cluster has GPUs and the model is on CUDA). ``progress`` is
+    then called in the order prompts finish (stored and skipped ones first), ``prompt_progress``
+    is not called, ``notify(text)`` hears of worker deaths and retries, and ``trace`` must be
+    picklable. Same numbers as the local backend.
     """
+    _check_backend(backend, workers, address, gpus_per_worker)
     started = time.perf_counter()
     store = store or ResultStore()
     plan = plan_batch(lm, prompts, settings, store, target, rows)
     stop = should_stop or (lambda: False)
-    batch = BatchResult(plan, {**trace_settings(settings), "target": target, "rows": rows})
+    batch = BatchResult(plan, {**trace_settings(settings), "target": target, "rows": rows}, backend=backend)
+    if backend == "ray":
+        _run_ray(lm, batch, store, progress, stop, trace, workers, address, gpus_per_worker, notify)
+    else:
+        _run_local(lm, batch, store, progress, prompt_progress, stop, trace)
+    batch.elapsed = time.perf_counter() - started
+    batch.counts = {k: int(v) for k, v in pd.Series([r.status for r in plan], dtype=object).value_counts().items()}
+    return batch
+
+
+def _check_backend(backend: str, workers: int, address: str | None, gpus_per_worker: float | None) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not '{backend}'")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a whole number of at least 1, not {workers!r}")
+    if backend == "local" and (workers != 1 or address is not None or gpus_per_worker is not None):
+        raise ValueError("workers, address and gpus_per_worker need backend='ray'")
+
+
+def _run_local(lm, batch: BatchResult, store: ResultStore, progress, prompt_progress, stop, trace) -> None:
+    """One prompt after another in this process, in prompt-set order."""
+    plan = batch.results
 
     def cells(done: int, total: int) -> bool:
         if stop():
@@ -162,9 +207,34 @@ def run_batch(
         if progress is not None and progress(done, len(plan), result) is False:
             batch.cancelled = True
             break
-    batch.elapsed = time.perf_counter() - started
-    batch.counts = {k: int(v) for k, v in pd.Series([r.status for r in plan], dtype=object).value_counts().items()}
-    return batch
+
+
+def _run_ray(lm, batch: BatchResult, store: ResultStore, progress, stop, trace, workers, address,
+             gpus_per_worker, notify) -> None:
+    """Stored and skipped prompts are reported first; the pending ones go to Ray workers."""
+    from .distributed import run_on_ray
+
+    plan, done = batch.results, 0
+    for result in plan:
+        if result.status != "pending":
+            done += 1
+            if progress is not None and progress(done, len(plan), result) is False:
+                batch.cancelled = True
+                return
+    pending = [r for r in plan if r.status == "pending"]
+    if not pending:
+        return
+
+    def finished(result: PromptResult) -> bool | None:
+        nonlocal done
+        done += 1
+        return None if progress is None else progress(done, len(plan), result)
+
+    run = run_on_ray(lm, pending, store, workers=workers, address=address, gpus_per_worker=gpus_per_worker,
+                     trace=None if trace is causal_trace else trace, finished=finished, should_stop=stop,
+                     notify=notify)
+    batch.cancelled, batch.retried, batch.workers = run.cancelled, run.retried, run.workers
+    batch.start_seconds = run.start_seconds
 
 
 def _compute(lm: "LoadedModel", result: PromptResult, store: ResultStore, cells: CellProgress, trace: TraceFunction) -> None:
@@ -178,6 +248,57 @@ def _compute(lm: "LoadedModel", result: PromptResult, store: ResultStore, cells:
     store.put(result.key, traced)
     result.trace, result.status = traced, "computed"
     result.seconds = time.perf_counter() - started
+
+
+@dataclass
+class Tally:
+    """A batch's progress from its finished prompts: done, failed (or skipped as bad input),
+    retried (sent again after a worker died), per-worker throughput (prompts per second of trace
+    time) and ETA."""
+
+    total: int
+    started: float = field(default_factory=time.perf_counter)
+    done: int = 0
+    failed: int = 0
+    retried: int = 0
+    computed: int = 0
+    per_worker: dict[str, list[float]] = field(default_factory=dict)  # label -> [prompts, seconds]
+
+    def add(self, result: PromptResult) -> None:
+        """Count one finished prompt."""
+        self.done += 1
+        self.failed += result.status in ("failed", "skipped")
+        self.retried += result.attempts > 1
+        if result.status == "computed":
+            self.computed += 1
+            stats = self.per_worker.setdefault(result.worker or "local", [0, 0.0])
+            stats[0] += 1
+            stats[1] += result.seconds
+
+    def eta(self) -> float | None:
+        """Seconds left at the rate of the prompts computed so far (None before the first)."""
+        if not self.computed:
+            return None
+        return (time.perf_counter() - self.started) / self.computed * (self.total - self.done)
+
+    def line(self, width: int = 20) -> str:
+        """``[#####.....] 12/54 · 1 failed · 0 retried · w1 0.9/s w2 0.8/s · ETA 40 s``."""
+        filled = int(width * self.done / self.total) if self.total else width
+        rates = " ".join(f"{label} {n / s:.2f}/s" for label, (n, s) in sorted(self.per_worker.items()) if s > 0)
+        eta = self.eta()
+        parts = [f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}",
+                 f"{self.failed} failed", f"{self.retried} retried"]
+        return " · ".join(parts + ([rates] if rates else []) + ([f"ETA {eta:.0f} s"] if eta is not None else []))
+
+
+def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Write a batch table as Parquet (``.parquet``, ``.pq``) or else CSV; returns the path."""
+    path = Path(path)
+    if path.suffix.lower() in (".parquet", ".pq"):
+        frame.to_parquet(path, index=False)
+    else:
+        frame.to_csv(path, index=False)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,11 +366,12 @@ def _selected(results: list[PromptResult], correct_only: bool, min_effect: float
     ]
 
 
-def category_averages(results: list[PromptResult], correct_only: bool = False,
-                      combine_regurgitation: bool = False, min_effect: float = MIN_EFFECT) -> pd.DataFrame:
-    """Per group, row (noised token / final token) and layer: mean, std (ddof=1), sem and n of the
-    normalised trace over prompts. Prompts where noise lowers p(target) by less than
-    ``min_effect`` are left out (their normalisation divides by almost nothing)."""
+def category_rows(results: list[PromptResult], correct_only: bool = False,
+                  combine_regurgitation: bool = False,
+                  min_effect: float = MIN_EFFECT) -> dict[str, dict[str, np.ndarray]]:
+    """Group -> row ("noised token", "final token") -> normalised rows [prompts, layers] of the
+    prompts the category averages use (correct ones only when asked; noise effect at least
+    ``min_effect``; groups in the study's order)."""
     stacks: dict[str, dict[str, list[np.ndarray]]] = {}
     for r in _selected(results, correct_only, min_effect):
         noised, final = normalised_rows(r.trace)
@@ -258,12 +380,17 @@ def category_averages(results: list[PromptResult], correct_only: bool = False,
         group = stacks.setdefault(group_of(r.category, combine_regurgitation), {row: [] for row in ROWS})
         group[ROWS[0]].append(noised)
         group[ROWS[1]].append(final)
-    frames = [
-        _average_frame(group, row, np.vstack(arrays))
-        for group in ordered(stacks)
-        for by_row in [stacks[group]]
-        for row, arrays in by_row.items()
-    ]
+    return {g: {row: np.vstack(v) for row, v in stacks[g].items()} for g in ordered(stacks)}
+
+
+def category_averages(results: list[PromptResult], correct_only: bool = False,
+                      combine_regurgitation: bool = False, min_effect: float = MIN_EFFECT) -> pd.DataFrame:
+    """Per group, row (noised token / final token) and layer: mean, std (ddof=1), sem and n of the
+    normalised trace over prompts. Prompts where noise lowers p(target) by less than
+    ``min_effect`` are left out (their normalisation divides by almost nothing)."""
+    frames = [_average_frame(group, row, values)
+              for group, by_row in category_rows(results, correct_only, combine_regurgitation, min_effect).items()
+              for row, values in by_row.items()]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=AVERAGE_COLUMNS)
 
 

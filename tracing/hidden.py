@@ -147,16 +147,21 @@ def _lens_probs(runner: Runner, states: torch.Tensor) -> torch.Tensor:
         return runner.logits(states).float().softmax(-1)
 
 
+MAX_LENS_K = 100  # top tokens per layer a person can read (more would only take time)
+
+
 def logit_lens(lm: "LoadedModel", prompt: str, k: int = 5, target: str | int | None = None) -> LogitLens:
     """Top-k tokens and the target's probability and rank at every layer for the final token.
 
     ``target``: None = the model's top prediction on the prompt; a completion string = its first
     token (its first token after the prompt, as ``completion_token``); an int = a token id.
     """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_LENS_K:
+        raise ValueError(f"The logit lens shows 1 to {MAX_LENS_K} top tokens per layer, not {k!r}.")
     ids = _ids(lm, prompt)
     runner = Runner(lm)
     probs = _lens_probs(runner, _states(runner, ids)).cpu()
-    k = max(1, min(int(k), probs.shape[-1]))
+    k = min(int(k), probs.shape[-1])
     target_id = _resolve_target(lm, prompt, target, probs[-1])
     top = probs.topk(k, dim=-1)
     target_probs = probs[:, target_id]

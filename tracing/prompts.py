@@ -164,8 +164,9 @@ def _header(row: list[str], source: str) -> list[str]:
     dupes = sorted({h for h in header if h and header.count(h) > 1})
     errors += [(1, f"column '{h}' appears twice") for h in dupes]
     if errors:
-        expected = ",".join(COLUMNS)
-        raise PromptSetError(errors + [(0, f"the header must contain {expected}")], source)
+        required, optional = ", ".join(REQUIRED), ", ".join(OPTIONAL)
+        raise PromptSetError(errors + [(0, f"the header must contain {required} "
+                                           f"(optional: {optional})")], source)
     return header
 
 

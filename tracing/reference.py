@@ -15,10 +15,12 @@ def _first(output):
 
 def naive_trace(lm, prompt, noised, kind="hidden", noise=0.4, samples=3, seed=0, window=3,
                 convention="input", corruption="gaussian", sigma=None, replacement=None, target=None,
-                cells=None):
+                cells=None, sever=None):
     """p(target) per (token, layer) cell, each by its own hooked forward of the whole model.
 
-    ``cells`` limits the work to some (token, layer) pairs (others stay NaN).
+    ``cells`` limits the work to some (token, layer) pairs (others stay NaN). ``sever="mlp"|"attn"``
+    (hidden kind): in each cell's forward, that part's output at the restored token in every block
+    after the restored state is overwritten with its value from a plain corrupted forward.
     Returns (scores [n_tokens, n_layers], low, high, target id).
     """
     model, adapter = lm.model, lm.adapter
@@ -67,6 +69,17 @@ def naive_trace(lm, prompt, noised, kind="hidden", noise=0.4, samples=3, seed=0,
                     h.remove()
             return float(torch.softmax(logits, -1)[:, target_id].mean())
 
+        corrupted_modules = {}
+        if sever is not None:
+            subs = [b.get_submodule(adapter.mlp if sever == "mlp" else adapter.attn) for b in blocks]
+            handles = [sub.register_forward_hook(lambda m, a, o, k=k: corrupted_modules.__setitem__(k, _first(o).clone()))
+                       for k, sub in enumerate(subs)]
+            try:
+                model(inputs_embeds=corrupt_emb)
+            finally:
+                for h in handles:
+                    h.remove()
+
         low = score([])
         scores = np.zeros((n, n_layers))
         scores[:] = np.nan
@@ -86,7 +99,13 @@ def naive_trace(lm, prompt, noised, kind="hidden", noise=0.4, samples=3, seed=0,
                 def post(m, a, o, l=l, t=t):
                     _first(o)[:, t] = outputs[l][0, t]
                 hooks.append((lambda fn, b=blocks[l]: b.register_forward_hook(fn), post))
-            else:
+            if kind == "hidden" and sever is not None:
+                first_severed = l if convention == "input" else l + 1
+                for k in range(first_severed, n_layers):
+                    def keep(m, a, o, k=k, t=t):
+                        _first(o)[:, t] = corrupted_modules[k][:, t]
+                    hooks.append((lambda fn, s=subs[k]: s.register_forward_hook(fn), keep))
+            if kind != "hidden":
                 lo, hi = max(0, l - window // 2), min(n_layers, l - (-window // 2))
                 for k in range(lo, hi):
                     sub = blocks[k].get_submodule(adapter.mlp if kind == "mlp" else adapter.attn)

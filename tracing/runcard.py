@@ -23,9 +23,10 @@ import numpy as np
 import pandas as pd
 
 from . import query
-from .causal import Trace
-from .model.tokens import subject_positions
+from .causal import Trace, resolve_rows
+from .model.tokens import subject_positions, tokenize
 from .settings import (CONVENTIONS, CORRUPTIONS, INTERACTIVE, KINDS, METRICS, NOISE_MODES, NOISE_RANGE,
+                       SEVER_PARTS,
                        SAMPLES_RANGE, SEED_RANGE, WINDOW_RANGE, TraceSettings)
 
 if TYPE_CHECKING:
@@ -38,6 +39,9 @@ EXAMPLE_SUBJECT = "Eiffel Tower"
 KIND_CHOICES = KINDS + ("all",)
 NOISE_BY = ("subject", "tokens")
 SUBJECT_TOKENS = ("all", "last")
+ROWS = ("all", "noised_final", "chosen")  # token rows to compute exactly (ROW_CHOICES + chosen ones)
+TABS = ("heatmap", "compact", "sweep", "severed", "export")  # the trace page's result tabs
+SEVERS = ("none",) + SEVER_PARTS  # hidden kind: what stays corrupted at the restored token
 MAX_TEXT = query.MAX_TEXT
 MAX_SWEEP = 8
 DEFAULT_SWEEP = (0.1, 0.3, 0.5, 1.0)
@@ -63,13 +67,18 @@ DEFAULTS: dict[str, Any] = {
     "metric": "prob",
     "convention": INTERACTIVE.convention,
     "sweep": list(DEFAULT_SWEEP),
-    "sweep_on": False,
+    "sweep_on": True,  # the sweep computes whenever its tab is open
+    "rows": "all",  # every token row, only the noised tokens and the final token, or chosen rows
+    "row_tokens": [],  # the chosen rows (rows="chosen")
+    "tab": "heatmap",
+    "sever": "none",  # hidden kind: sever the later MLP or attention outputs (ROME Fig. 3)
+    "sever_token": -1,  # the severed-paths comparison's token (-1: the last noised token)
 }
 _TEXT = ("prompt", "subject", "target", "contrast", "replacement")
 _CHOICES = {"noise_by": NOISE_BY, "subject_tokens": SUBJECT_TOKENS, "corruption": CORRUPTIONS,
             "noise_mode": NOISE_MODES, "kind": KIND_CHOICES, "metric": METRICS,
-            "convention": CONVENTIONS}
-_INTS = {"samples": SAMPLES_RANGE, "seed": SEED_RANGE, "window": WINDOW_RANGE}
+            "convention": CONVENTIONS, "rows": ROWS, "tab": TABS, "sever": SEVERS}
+_INTS = {"samples": SAMPLES_RANGE, "seed": SEED_RANGE, "window": WINDOW_RANGE, "sever_token": (-1, 10**6)}
 
 
 class RunCardError(ValueError):
@@ -90,7 +99,7 @@ def _parse_one(name: str, value: Any, noise_mode: str) -> Any:
         return query.integer(*_INTS[name])(value)
     if name == "noise":
         return query.number(*NOISE_RANGE[noise_mode])(value)
-    if name == "tokens":
+    if name in ("tokens", "row_tokens"):
         indices = query.items(value)
         if len(indices) > 4096:
             raise ValueError("too many indices")
@@ -133,13 +142,17 @@ def state_to_query(state: Mapping[str, Any]) -> dict[str, str]:
     query: dict[str, str] = {}
     for name in DEFAULTS:
         value = state.get(name, DEFAULTS[name])
-        if name in ("tokens", "sweep"):
+        if name in ("tokens", "sweep", "row_tokens"):
             value = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
         elif name == "sweep_on":
             value = "1" if value else "0"
         elif isinstance(value, float):
             value = f"{value:g}"
         query[name] = str(value)
+    if state.get("rows") != "chosen":
+        query.pop("row_tokens")
+    if state.get("sever_token", -1) == -1:
+        query.pop("sever_token")
     if state.get("noise_by") != "tokens":
         query.pop("tokens")
     else:
@@ -159,6 +172,7 @@ class TraceRequest:
     prompt: str
     noised: list[int]
     trace_settings: TraceSettings
+    rows: list[int] | None = None  # token rows to compute (None: every row)
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -167,8 +181,10 @@ class TraceRequest:
 
     @property
     def settings(self) -> dict[str, Any]:
-        """The settings with the noised positions: what the result store keys."""
-        return {**self.kwargs, "noised": list(self.noised)}
+        """The settings with the noised positions (and the rows, when restricted): what the result
+        store keys."""
+        rows = {} if self.rows is None else {"rows": list(self.rows)}
+        return {**self.kwargs, "noised": list(self.noised), **rows}
 
 
 def noised_positions(lm: "LoadedModel", state: Mapping[str, Any]) -> list[int]:
@@ -181,9 +197,12 @@ def noised_positions(lm: "LoadedModel", state: Mapping[str, Any]) -> list[int]:
 
 
 def trace_request(lm: "LoadedModel", state: Mapping[str, Any], kind: str | None = None,
-                  noise: float | None = None) -> TraceRequest:
-    """Arguments of one ``causal_trace`` call (``kind``/``noise`` override the state's)."""
+                  noise: float | None = None, sever: str | None = None,
+                  rows: list[int] | None = None) -> TraceRequest:
+    """Arguments of one ``causal_trace`` call (``kind``, ``noise``, ``sever`` ("none", "mlp",
+    "attn") and ``rows`` override the state's)."""
     kind = kind or state["kind"]
+    sever = sever or state.get("sever", "none")
     if kind not in KINDS:
         raise ValueError(f"Unknown kind '{kind}'.")
     noised = noised_positions(lm, state)
@@ -203,8 +222,27 @@ def trace_request(lm: "LoadedModel", state: Mapping[str, Any], kind: str | None 
         contrast=contrast,
         window=int(state["window"]),
         convention=state["convention"],
+        sever=sever if kind == "hidden" and sever != "none" else None,
     )
-    return TraceRequest(state["prompt"], noised, settings)
+    return TraceRequest(state["prompt"], noised, settings,
+                        rows_to_compute(lm, state, noised) if rows is None else sorted(set(rows)))
+
+
+def rows_to_compute(lm: "LoadedModel", state: Mapping[str, Any], noised: list[int]) -> list[int] | None:
+    """The token rows a state asks for (None: every row); ValueError for a bad choice."""
+    choice = state.get("rows", "all")
+    if choice == "all":
+        return None
+    n_tokens = len(tokenize(lm, state["prompt"]))
+    if choice == "noised_final":
+        return resolve_rows("noised_final", noised, n_tokens)
+    chosen = sorted(set(state.get("row_tokens") or []))
+    if not chosen:
+        raise ValueError("No rows to compute: choose at least one token row (or compute every row).")
+    if chosen[-1] >= n_tokens:
+        raise ValueError(f"Row {chosen[-1]} is out of range: the prompt has {n_tokens} tokens "
+                         f"(0..{n_tokens - 1}).")
+    return resolve_rows(chosen, noised, n_tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,6 +260,9 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+METHODS = {False: "exact causal trace", True: "attribution preview"}  # run card "method"
+
+
 def run_card(trace: Trace, metric: str = "prob", model: Mapping[str, Any] | None = None,
              page: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Everything needed to reproduce ``trace``: model, prompt, noised tokens, every setting."""
@@ -233,6 +274,7 @@ def run_card(trace: Trace, metric: str = "prob", model: Mapping[str, Any] | None
         "version": CARD_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": {k: model_facts.get(k) for k in ("name", "revision", "family", "dtype", "device")},
+        "method": METHODS[trace.approximate],
         "prompt": trace.prompt,
         "tokens": list(trace.tokens),
         "noised": list(trace.noised),
@@ -254,6 +296,8 @@ def run_card(trace: Trace, metric: str = "prob", model: Mapping[str, Any] | None
         "window": trace.window,
         "metric": metric,
         "convention": trace.convention,
+        "rows": s.get("rows", "all"),
+        "sever": s.get("sever"),
         "seconds": round(float(trace.elapsed), 3),
         "versions": package_versions(),
         "page": dict(page) if page is not None else None,
@@ -370,7 +414,7 @@ def _check_model(card: Mapping[str, Any], lm) -> None:
 
 def _trace_from(payload: Mapping[str, Any], card: Mapping[str, Any]) -> Trace | None:
     meta, values = payload.get("trace"), payload.get("numbers")
-    if meta is None:
+    if meta is None or card.get("method") == METHODS[True]:  # a preview's numbers are never reused
         return None
     try:
         arrays = {f"metric.{k}": np.asarray(v, dtype=np.float64)

@@ -18,6 +18,7 @@ KINDS = ("hidden", "mlp", "attn")
 CORRUPTIONS = ("gaussian", "uniform", "replace")
 NOISE_MODES = ("absolute", "sigma")
 CONVENTIONS = ("input", "output")
+SEVER_PARTS = ("mlp", "attn")  # what a severed hidden-state trace keeps at its corrupted values
 
 # Ranges offered by the pages, URLs, run cards and the CLI (the engine accepts any valid value).
 NOISE_RANGE = {"absolute": (0.0, 2.0), "sigma": (0.0, 10.0)}
@@ -99,6 +100,9 @@ class TraceSettings:
     string (its first token after the prompt); ``target=None`` is the clean top-1 token.
     ``window``: layers restored around each column for the mlp/attn kinds. ``convention``: a
     hidden-state column l restores the state entering (``input``) or leaving (``output``) block l.
+    ``sever`` (hidden kind only): "mlp" / "attn" keeps the MLP (attention) outputs at the restored
+    token in every later block at their corrupted values (ROME's severed paths); None = nothing
+    severed (left out of ``to_dict``, so keys of unsevered traces do not change).
     """
 
     kind: str = "hidden"
@@ -112,6 +116,7 @@ class TraceSettings:
     contrast: int | str | None = None
     window: int = 10
     convention: str = "input"
+    sever: str | None = None
 
     def __post_init__(self) -> None:
         for name, choices in (("kind", KINDS), ("corruption", CORRUPTIONS), ("noise_mode", NOISE_MODES)):
@@ -133,8 +138,15 @@ class TraceSettings:
                 raise ValueError(f"{name} must be an integer >= {low}, not {value!r}.")
         if not _is_int(self.seed) or not 0 <= int(self.seed) <= MAX_SEED:
             raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, not {self.seed!r}.")
+        sever = None if self.sever in (None, "") else self.sever
+        if sever is not None and sever not in SEVER_PARTS:
+            raise ValueError(f"Unknown sever '{self.sever}'. Use 'mlp', 'attn' or None (nothing severed).")
+        if sever is not None and self.kind != "hidden":
+            raise ValueError(f"Severing (sever='{sever}') needs the hidden kind, not '{self.kind}': it cuts the "
+                             "later MLP or attention outputs of a restored hidden state.")
         replace = self.corruption == "replace"
         normal = {
+            "sever": sever,
             "noise": float(self.noise or 0), "samples": int(self.samples), "seed": int(self.seed),
             "window": int(self.window), "target": _answer(self.target, "target"),
             "contrast": _answer(self.contrast, "contrast"), "replacement": self.replacement if replace else None,
@@ -152,8 +164,12 @@ class TraceSettings:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """Every setting by name, JSON-able."""
-        return dataclasses.asdict(self)
+        """Every setting by name, JSON-able; ``sever`` only when something is severed (so the
+        result store's keys of unsevered traces stay what they were)."""
+        out = dataclasses.asdict(self)
+        if out["sever"] is None:
+            del out["sever"]
+        return out
 
     @classmethod
     def merged(cls, settings: "TraceSettings | None" = None, **given: Any) -> "TraceSettings":

@@ -1,5 +1,9 @@
 """On-disk result store for traces: JSON metadata + safetensors arrays, atomic, versioned, no pickle.
 
+It holds causal traces (``causal.Trace``) and per-head traces (``heads.HeadTrace``): the JSON says
+which (``record``: "trace" or "head"; entries written before it existed are traces), and a head
+trace's key includes that it is one and its restored ``token``, so the two never share a key.
+
 Layout: ``root/<key[:2]>/<key>.json`` and ``root/<key[:2]>/<key>.safetensors``. The key is the
 sha256 of a canonical JSON of the model (name, revision, dtype), the prompt and every trace setting.
 The JSON holds the format version, the trace metadata and sha256 checksums of itself and of the
@@ -36,18 +40,51 @@ FORMAT_VERSION = 1
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 
 
+RECORDS = ("trace", "head")  # record types: causal.Trace, heads.HeadTrace
+
+
+def record_type(result: Any) -> str:
+    """The record type of a stored result: "head" for a HeadTrace, else "trace"."""
+    from .heads import HeadTrace
+
+    return "head" if isinstance(result, HeadTrace) else "trace"
+
+
+def _record_class(name: str):
+    if name == "head":
+        from .heads import HeadTrace
+
+        return HeadTrace
+    from .causal import Trace
+
+    return Trace
+
+
 def canonical_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """Every trace setting (``TraceSettings``, defaults filled in, validated and normalised), the
     sorted noised positions and, when not every row is computed, the sorted ``rows``: the stable
-    form that keys are made of."""
+    form that keys are made of. A head trace's settings (``record="head"``) also keep ``record``
+    and the restored ``token`` (a position >= 0); a causal trace's have neither (their keys are
+    what they always were)."""
     if settings.get("noised") is None:
         raise ValueError("settings need the noised token indices ('noised')")
+    record = settings.get("record") or "trace"
+    if record not in RECORDS:
+        raise ValueError(f"Unknown record type {record!r}: use one of {', '.join(RECORDS)}.")
+    token = settings.get("token")
+    if record == "head" and (isinstance(token, bool) or not isinstance(token, (int, np.integer)) or token < 0):
+        raise ValueError(f"A head trace's settings need the restored token as a position >= 0, not {token!r}.")
+    if record == "trace" and token is not None:
+        raise ValueError("'token' is a head-trace setting: give record='head' with it.")
+    settings = {k: v for k, v in settings.items() if k not in ("record", "token")}
     whole = {k: int(v) for k, v in settings.items()
              if k in ("samples", "seed", "window") and isinstance(v, float) and v.is_integer()}
     out = TraceSettings.from_dict({**settings, **whole}).to_dict()
     out["noised"] = sorted({int(i) for i in settings["noised"]})
     if settings.get("rows") is not None:
         out["rows"] = sorted({int(i) for i in settings["rows"]})
+    if record == "head":
+        out["record"], out["token"] = record, int(token)
     return out
 
 
@@ -126,7 +163,8 @@ class ResultStore:
         return self.get(key) is not None
 
     def get(self, key: str):
-        """The stored ``Trace`` or None (missing, corrupted or from another format version)."""
+        """The stored ``Trace`` or ``HeadTrace`` (as its record type says) or None (missing,
+        corrupted or from another format version)."""
         with self._lock:
             if key in self._memory:
                 self._memory.move_to_end(key)
@@ -147,9 +185,10 @@ class ResultStore:
                 raise ValueError("the arrays file does not match its checksum")
             from safetensors.numpy import load
 
-            from .causal import Trace
-
-            return Trace.from_record(meta["trace"], load(data))
+            record = meta.get("record", "trace")
+            if record not in RECORDS:
+                raise ValueError(f"unknown record type {record!r}")
+            return _record_class(record).from_record(meta["trace"], load(data))
         except Exception as exc:  # noqa: BLE001 - any damage means: recompute
             log.warning("Ignoring damaged result %s (%s); it will be recomputed.", key, exc)
             return None
@@ -167,7 +206,8 @@ class ResultStore:
     # -- writing --------------------------------------------------------------------------------
 
     def put(self, key: str, trace) -> None:
-        """Store a trace under ``key`` (arrays first, then metadata; each renamed into place)."""
+        """Store a trace or head trace under ``key`` (arrays first, then metadata; each renamed
+        into place)."""
         from safetensors.numpy import save
 
         meta_path, array_path = self._paths(key)
@@ -177,6 +217,7 @@ class ResultStore:
         meta = {
             "format": FORMAT_VERSION,
             "key": key,
+            "record": record_type(trace),
             "trace": record,
             "trace_sha256": _sha256(_canonical_json(record, True).encode("utf-8")),
             "arrays_sha256": _sha256(data),

@@ -122,16 +122,29 @@ def _outline(chart: alt.Chart, selection: alt.Parameter) -> alt.Chart:
     )
 
 
+def _value_scale(scale: str, values: pd.Series) -> alt.Scale:
+    """Attention weights: viridis from 0 (log: from the floor); effects may be negative: from the minimum."""
+    low = float(np.nanmin(values)) if len(values) else 0.0
+    if scale == "log" or low >= 0:
+        return _color_scale(scale, float(np.nanmax(values)) if len(values) else 1.0)
+    return alt.Scale(scheme="viridis", domain=[low, max(float(np.nanmax(values)), low + 1e-6)])
+
+
 def head_grids(heads: pd.DataFrame, scale: str = "linear", selection: alt.Parameter | None = None,
-               cell: int = 13) -> alt.Chart:
-    """Layers x heads heatmaps of mean attention to one target, one panel per category, shared colours."""
-    target = heads["target"].iloc[0]
+               cell: int = 13, title: str | None = None, subtitle: str | None = None,
+               value: str = "attention") -> alt.Chart:
+    """Layers x heads heatmaps of a per-head mean (``category, layer, head, mean, std, n``), one
+    panel per category, shared colours. Default titles: attention to ``heads["target"]``."""
+    if title is None:
+        title = f"Final-token attention to the {TARGET_LABELS[heads['target'].iloc[0]]}, per layer and head"
+    if subtitle is None:
+        subtitle = "Mean over the prompts of each type (un-noised). Layer 0 at the bottom. Click a cell for its prompts."
     data = _floored(heads.assign(**{"prompt type": heads["category"].map(group_label)}), ["mean"], scale)
     n_layers, n_heads = int(heads["layer"].max()) + 1, int(heads["head"].max()) + 1
     chart = alt.Chart(data).mark_rect().encode(
         x=alt.X("head:O", title="head"),
         y=alt.Y("layer:O", title="layer", sort="descending"),
-        color=alt.Color("mean:Q", title=["mean", "attention"], scale=_color_scale(scale, float(heads["mean"].max()))),
+        color=alt.Color("mean:Q", title=["mean", value], scale=_value_scale(scale, heads["mean"])),
         tooltip=["prompt type:N", "layer:O", "head:O", alt.Tooltip("mean:Q", format=".4f"),
                  alt.Tooltip("std:Q", format=".4f"), "n:Q"],
     ).properties(width=max(200, cell * n_heads), height=max(160, cell * n_layers))
@@ -140,15 +153,15 @@ def head_grids(heads: pd.DataFrame, scale: str = "linear", selection: alt.Parame
     return chart.facet(
         column=alt.Column("prompt type:N", sort=_category_sort(heads), title=None,
                           header=alt.Header(labelFontSize=13, labelFontWeight="bold")),
-    ).properties(title=alt.TitleParams(
-        f"Final-token attention to the {TARGET_LABELS[target]}, per layer and head",
-        subtitle="Mean over the prompts of each type (un-noised). Layer 0 at the bottom. Click a cell for its prompts."))
+    ).properties(title=alt.TitleParams(title, subtitle=subtitle))
 
 
 def difference_grid(diff: pd.DataFrame, a: str, b: str, selection: alt.Parameter | None = None,
-                    cell: int = 13) -> alt.Chart:
-    """Layers x heads heatmap of mean attention in category ``a`` minus ``b`` (diverging colours)."""
-    target = diff["target"].iloc[0]
+                    cell: int = 13, title: str | None = None) -> alt.Chart:
+    """Layers x heads heatmap of the mean in category ``a`` minus ``b`` (diverging colours).
+    Default title: attention to ``diff["target"]``."""
+    if title is None:
+        title = f"Attention to the {TARGET_LABELS[diff['target'].iloc[0]]}: A − B"
     bound = float(np.nanmax(np.abs(diff["difference"]))) or 1e-6
     la, lb = group_label(a), group_label(b)
     data = diff.rename(columns={"mean_a": "mean A", "mean_b": "mean B"})
@@ -161,25 +174,25 @@ def difference_grid(diff: pd.DataFrame, a: str, b: str, selection: alt.Parameter
         tooltip=["layer:O", "head:O", alt.Tooltip("difference:Q", format="+.4f"),
                  alt.Tooltip("mean A:Q", format=".4f"), alt.Tooltip("mean B:Q", format=".4f")],
     ).properties(autosize=PAD, width=max(200, cell * n_heads), height=max(160, cell * n_layers), title=alt.TitleParams(
-        f"Attention to the {TARGET_LABELS[target]}: A − B",
-        subtitle=[f"A = {la}", f"B = {lb}", "red: more in A, blue: more in B"]))
+        title, subtitle=[f"A = {la}", f"B = {lb}", "red: more in A, blue: more in B"]))
     return chart if selection is None else _outline(chart, selection)
 
 
-def per_prompt_strip(values: pd.DataFrame, title: str) -> alt.Chart:
-    """Every prompt's value as a dot, one row per category; mean as a tick."""
+def per_prompt_strip(values: pd.DataFrame, title: str, column: str = "attention",
+                     axis_title: str = "attention weight") -> alt.Chart:
+    """Every prompt's ``column`` value as a dot, one row per category; mean as a tick."""
     data = values.assign(**{"prompt type": values["category"].map(group_label)})
     sort = _category_sort(values)
     y = alt.Y("prompt type:N", sort=sort, title=None, axis=alt.Axis(labelLimit=260))
     dots = alt.Chart(data).mark_circle(size=60, opacity=0.7).encode(
-        x=alt.X("attention:Q", title="attention weight"),
+        x=alt.X(f"{column}:Q", title=axis_title),
         y=y,
         yOffset=alt.YOffset("jitter:Q"),
         color=alt.Color("prompt type:N", sort=sort, legend=None, scale=group_scale(values["category"])[1]),
-        tooltip=["prompt type:N", "prompt:N", "subject:N", alt.Tooltip("attention:Q", format=".4f")],
+        tooltip=["prompt type:N", "prompt:N", "subject:N", alt.Tooltip(f"{column}:Q", format=".4f")],
     ).transform_calculate(jitter="(random() - 0.5) * 16")
     means = alt.Chart(data).mark_tick(color="black", thickness=2, size=26).encode(
-        x="mean(attention):Q", y=y, tooltip=[alt.Tooltip("mean(attention):Q", format=".4f", title="mean")])
+        x=f"mean({column}):Q", y=y, tooltip=[alt.Tooltip(f"mean({column}):Q", format=".4f", title="mean")])
     return (dots + means).properties(autosize=PAD, width=560, height=60 * max(1, len(sort)), title=alt.TitleParams(
         title, subtitle="Dots: prompts (hover for the prompt); black tick: mean of the type."))
 

@@ -1,15 +1,47 @@
 """Altair charts of category averages (no Streamlit): the seed's two-row heatmaps, line charts with
-a spread band, and scatter plots of the transition layer against its confounds."""
+a spread band (± sem, ± std or a bootstrap interval), scatter plots of the transition layer against
+its confounds (jittered, clickable), and the human column labels of the category tables."""
 
 from __future__ import annotations
 
 import altair as alt
+import numpy as np
 import pandas as pd
 
 from ..batch import ROWS
 from .style import RAMPS, TOKEN_COLOURS, group_label, group_scale
 
 ROW_COLOURS = [TOKEN_COLOURS["noised"], TOKEN_COLOURS["final"]]  # in ROWS order
+SPREADS = {"sem": "± standard error", "std": "± std", "ci": "bootstrap 95% interval"}
+PICK = "pick"  # the scatter plots' click selection: its points carry the prompt's "row" (table position)
+
+# Human column labels of the category tables (the data and CSV downloads keep the raw names).
+SUMMARY_LABELS = {
+    "label": "category", "prompts": "prompts", "correct": "model right", "clean_prob": "mean clean p",
+    "transition_layer": "mean transition layer", "transition_std": "transition layer std",
+    "token_distance": "mean noised→final tokens",
+}
+PROMPT_LABELS = {
+    "averaged": "in averages", "category": "category", "prompt": "prompt", "expected": "expected",
+    "target": "target token", "noised_token": "noised token", "noised_index": "noised index",
+    "final_index": "final index", "token_distance": "noised→final tokens", "clean_prob": "clean p",
+    "corrupted_prob": "corrupted p", "effect": "effect of noise", "correct": "model right",
+    "transition_layer": "transition layer", "n_layers": "layers", "status": "status", "message": "message",
+}
+COMPARISON_LABELS = {
+    "label_b": "B", "label_a": "A", "difference": "B − A (layers)", "ci_low": "95% CI low",
+    "ci_high": "95% CI high", "p_value": "p (permutation)", "mean_b": "mean B", "mean_a": "mean A",
+    "n_b": "prompts B", "n_a": "prompts A", "none_b": "B: no transition", "none_a": "A: no transition",
+}
+
+
+def labelled(table: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
+    """The columns of ``labels`` (in its order, those present) renamed to their human labels;
+    ``category`` keys shown as category names."""
+    out = table[[c for c in labels if c in table.columns]].copy()
+    if "category" in out:
+        out["category"] = [group_label(c) for c in out["category"]]
+    return out.rename(columns=labels)
 
 
 def _titled(averages: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -45,13 +77,24 @@ def heatmap_chart(averages: pd.DataFrame, width: int = 260) -> alt.FacetChart:
     )
 
 
-def line_chart(averages: pd.DataFrame, spread: str = "sem", width: int = 260) -> alt.FacetChart:
-    """Per group: mean normalised p by layer for both rows, with a mean ± spread band."""
-    if spread not in ("sem", "std"):
-        raise ValueError("spread must be 'sem' or 'std'")
+def line_chart(averages: pd.DataFrame, spread: str = "sem", width: int = 260,
+               bands: pd.DataFrame | None = None) -> alt.FacetChart:
+    """Per group: mean normalised p by layer for both rows, with a band: mean ± ``spread``
+    ("sem", "std"), or with ``spread="ci"`` the bootstrap interval of ``bands``
+    (``tracing.stats.bootstrap_bands``: ci_low, ci_high per group, row and layer)."""
+    if spread not in SPREADS:
+        raise ValueError(f"spread must be one of {', '.join(SPREADS)}, not {spread!r}")
+    if spread == "ci" and bands is None:
+        raise ValueError("spread='ci' needs the bootstrap bands (tracing.stats.bootstrap_bands)")
     data, order = _titled(averages)
-    data["lo"] = data["mean"] - data[spread]
-    data["hi"] = data["mean"] + data[spread]
+    if spread == "ci":
+        keys = ["group", "row", "layer"]
+        data = data.merge(bands[keys + ["ci_low", "ci_high"]], on=keys, how="left")
+        data["lo"], data["hi"] = data["ci_low"], data["ci_high"]
+    else:
+        data["lo"] = data["mean"] - data[spread]
+        data["hi"] = data["mean"] + data[spread]
+    shown = ["ci_low", "ci_high"] if spread == "ci" else [spread]
     colour = alt.Color("row:N", sort=list(ROWS), title="restored token",
                        scale=alt.Scale(range=ROW_COLOURS))
     base = alt.Chart().encode(x=alt.X("layer:Q", title="layer"), color=colour)
@@ -59,36 +102,57 @@ def line_chart(averages: pd.DataFrame, spread: str = "sem", width: int = 260) ->
     line = base.mark_line(point=alt.OverlayMarkDef(size=12)).encode(
         y="mean:Q",
         tooltip=[alt.Tooltip("label:N", title="category"), "row:N", "layer:Q",
-                 alt.Tooltip("mean:Q", format=".3f"), alt.Tooltip(f"{spread}:Q", format=".3f"), "n:Q"],
+                 alt.Tooltip("mean:Q", format=".3f"),
+                 *[alt.Tooltip(f"{c}:Q", format=".3f") for c in shown], "n:Q"],
     )
     return (
         alt.layer(band, line, data=data)
         .properties(width=width, height=200)
         .facet(column=alt.Column("title:N", sort=order, title=None))
-        .properties(title=f"Mean normalised p by layer (band: ± {'standard error' if spread == 'sem' else 'std'})")
+        .properties(title=f"Mean normalised p by layer (band: {SPREADS[spread]})")
     )
 
 
+def jitter(n: int, amount: float, seed: int = 0) -> np.ndarray:
+    """``n`` reproducible offsets, uniform in [-amount, amount] (the same points every rerun)."""
+    return np.random.default_rng(seed).uniform(-amount, amount, n)
+
+
 def scatter_chart(table: pd.DataFrame, x: str = "token_distance") -> alt.Chart:
-    """Transition layer of each prompt against ``token_distance`` or ``clean_prob``."""
+    """Transition layer of each prompt against ``token_distance`` or ``clean_prob``: translucent,
+    jittered points (up to a quarter layer / token, so prompts on equal values stay visible), the
+    prompt's details on hover, and a click selection ``PICK`` whose points carry ``row`` (the
+    prompt's index label in ``table``: its position in ``prompt_table``'s results, also when a
+    filtered part of it is drawn)."""
     titles = {"token_distance": "tokens from the noised to the final token", "clean_prob": "clean p(target)"}
     if x not in titles:
         raise ValueError(f"x must be one of {', '.join(titles)}")
-    data = table.dropna(subset=["transition_layer"]).copy()
+    data = table.assign(row=table.index.to_numpy()).dropna(subset=["transition_layer"])
     data["category label"] = [group_label(c) for c in data["category"]]
+    # jitter in axis units (Vega-Lite ignores offset channels on quantitative axes); hover shows the true values
+    data["x_shown"] = data[x] + (jitter(len(data), 0.25, seed=1) if x == "token_distance" else 0.0)
+    data["y_shown"] = data["transition_layer"] + jitter(len(data), 0.25, seed=2)
     present, colours = group_scale(data["category"])
     layers = int(table["n_layers"].max()) if table["n_layers"].notna().any() else None
     y_scale = alt.Scale(domain=[0, layers - 1]) if layers else alt.Undefined
+    pick = alt.selection_point(name=PICK, fields=["row"], on="click", clear="dblclick")
+    tooltip = [alt.Tooltip("prompt:N"), alt.Tooltip("expected:N"), alt.Tooltip("target:N", title="target token"),
+               alt.Tooltip("category label:N", title="category"),
+               alt.Tooltip("noised_token:N", title="noised token"),
+               alt.Tooltip("transition_layer:Q", title="transition layer"),
+               alt.Tooltip("token_distance:Q", title="noised→final tokens"),
+               alt.Tooltip("clean_prob:Q", title="clean p", format=".3f"),
+               alt.Tooltip("effect:Q", title="effect of noise", format=".3f")]
     return (
-        alt.Chart(data)
-        .mark_circle(size=70, opacity=0.8)
+        alt.Chart(data[[c for c in data.columns if c != "message"]])
+        .mark_circle(size=60, stroke="white", strokeWidth=0.5, cursor="pointer")
         .encode(
-            x=alt.X(f"{x}:Q", title=titles[x]),
-            y=alt.Y("transition_layer:Q", title="transition layer", scale=y_scale),
-            color=alt.Color("category label:N", title="category",
-                            scale=colours),
-            tooltip=["prompt:N", "target:N", "category label:N", "transition_layer:Q",
-                     "token_distance:Q", alt.Tooltip("clean_prob:Q", format=".3f")],
+            x=alt.X("x_shown:Q", title=titles[x]),
+            y=alt.Y("y_shown:Q", title="transition layer", scale=y_scale),
+            color=alt.Color("category label:N", title="category", scale=colours),
+            opacity=alt.condition(pick, alt.value(0.6), alt.value(0.25)),
+            tooltip=[t for t in tooltip if t.shorthand.split(":")[0] in data.columns],
         )
-        .properties(width=360, height=260, title=f"Transition layer vs {titles[x]}")
+        .add_params(pick)
+        .properties(width=360, height=260, title=f"Transition layer vs {titles[x]} (click a point to open its trace)")
     )

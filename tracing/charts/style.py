@@ -3,6 +3,9 @@ palettes (per restored kind, per token role, per category), kind labels, sizing,
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
+
 import altair as alt
 
 from ..categories import GROUP_COLOURS, GROUP_LABELS, group_colour, group_label, ordered
@@ -77,15 +80,33 @@ def pad(chart: alt.TopLevelMixin) -> alt.TopLevelMixin:
     return chart.properties(autosize=alt.AutoSizeParams(type="pad", contains="padding"))
 
 
-def to_png(chart: alt.TopLevelMixin, scale: float = 2) -> bytes:
-    """PNG bytes of a chart (vl-convert)."""
+FONT = "DejaVu Sans"  # shipped in charts/fonts (it has every glyph the token labels use, e.g. ␣)
+FONT_DIR = Path(__file__).with_name("fonts")
+_fonts_lock = threading.Lock()
+_fonts_registered = False
+
+
+def _converter():
+    """vl-convert, with the shipped font registered once (exports look the same on any machine)."""
+    global _fonts_registered
     import vl_convert as vlc
 
-    return vlc.vegalite_to_png(chart.to_json(), scale=scale)
+    with _fonts_lock:
+        if not _fonts_registered:
+            vlc.register_font_directory(str(FONT_DIR))
+            _fonts_registered = True
+    return vlc
+
+
+def _export_config() -> dict:
+    return {"font": FONT}
+
+
+def to_png(chart: alt.TopLevelMixin, scale: float = 2) -> bytes:
+    """PNG bytes of a chart (vl-convert), every text in the shipped font."""
+    return _converter().vegalite_to_png(chart.to_json(), scale=scale, config=_export_config())
 
 
 def to_svg(chart: alt.TopLevelMixin) -> str:
-    """SVG text of a chart (vl-convert)."""
-    import vl_convert as vlc
-
-    return vlc.vegalite_to_svg(chart.to_json())
+    """SVG text of a chart (vl-convert), every text in the shipped font's family."""
+    return _converter().vegalite_to_svg(chart.to_json(), config=_export_config())

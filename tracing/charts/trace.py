@@ -75,6 +75,9 @@ def layer_title(trace: Trace) -> str:
 
 def kind_title(trace: Trace) -> str:
     """Chart title: what was restored."""
+    if trace.kind == "hidden" and trace.sever:
+        part = {"mlp": "MLP", "attn": "attention"}[trace.sever]
+        return f"Restoring one clean hidden state, its later {part} outputs kept corrupted (severed)"
     if trace.kind == "hidden":
         return "Restoring one clean hidden state"
     return f"Restoring clean {KIND_LABELS[trace.kind]} outputs ({trace.window}-layer window)"
@@ -95,6 +98,15 @@ def noise_text(trace: Trace) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Data
+
+
+PREVIEW_NOTE = ("APPROXIMATE PREVIEW (attribution patching): faded cells are first-order estimates, "
+                "replaced by exact ones as they are computed")
+
+
+def _preview_lines(traces: Sequence[Trace]) -> list[str]:
+    """The preview mark for a composed chart's title, when any of its traces is a preview."""
+    return [PREVIEW_NOTE] if any(t.approximate for t in traces) else []
 
 
 def trace_frame(trace: Trace, metric: str = "prob") -> pd.DataFrame:
@@ -183,14 +195,14 @@ def heatmap_layer(trace: Trace, metric: str = "prob", *, domain: Sequence[float]
     data = trace_frame(trace, metric)
     domain = domain or metric_domain([trace], metric)
     low, high = trace.metric_bounds(metric)
+    panel = subtitle is not None  # a panel of a composed chart: short titles
     if subtitle is None:
         subtitle = [f"{ellipsis(trace.prompt, MAX_TITLE)}  ·  * = noised",
                     f"{noise_text(trace)}  ·  corrupted {low:.4g}, clean {high:.4g}"]
     if trace.approximate:
         data["exact"] = (np.zeros(trace.scores.shape, bool) if exact is None else np.asarray(exact)).ravel()
         share = f"{data['exact'].mean():.0%} exact so far" if data["exact"].any() else "no cell exact yet"
-        subtitle = [f"APPROXIMATE PREVIEW (attribution patching): faded cells are first-order "
-                    f"estimates, replaced by exact ones as they are computed ({share})", *subtitle]
+        subtitle = [f"PREVIEW ({share})" if panel else PREVIEW_NOTE + f" ({share})", *subtitle]
     width = cell_width * trace.n_layers
     y = alt.Y("label:N", sort=token_labels(trace), title=None,
               axis=alt.Axis(labels=y_labels, ticks=y_labels, labelLimit=160))
@@ -211,30 +223,35 @@ def heatmap_layer(trace: Trace, metric: str = "prob", *, domain: Sequence[float]
                               subtitle=subtitle, anchor="start", subtitleColor="#555"))
 
 
-def kinds_side_by_side(traces: Mapping[str, Trace], metric: str = "prob") -> alt.HConcatChart:
-    """Hidden, MLP and attention traces next to each other, each on its own palette."""
+def kinds_side_by_side(traces: Mapping[str, Trace], metric: str = "prob",
+                       exact: Mapping[str, np.ndarray | None] | None = None) -> alt.HConcatChart:
+    """Hidden, MLP and attention traces next to each other, each on its own palette (``exact``:
+    per kind, the exact-cell mask of a preview being refined; see ``heatmap_layer``)."""
     first = next(iter(traces.values()))
     width = _cell_width(first.n_layers, len(traces))
     charts = []
-    for i, trace in enumerate(traces.values()):
+    for i, (name, trace) in enumerate(traces.items()):
         window = "" if trace.kind == "hidden" else f" (window {trace.window})"
         charts.append(heatmap_layer(
             trace, metric, title=SHORT_KIND[trace.kind] + window, subtitle=[], legend_bottom=True,
             y_labels=i == 0, x_title="layer" if trace.kind == "hidden" else "centre layer",
-            cell_width=width, cell_height=CELL_HEIGHT - 4))
+            cell_width=width, cell_height=CELL_HEIGHT - 4, exact=(exact or {}).get(name)))
     return pad(alt.hconcat(*charts).resolve_scale(color="independent")).properties(
         title=alt.TitleParams(
             "Restoring hidden states, MLP outputs and attention outputs",
-            subtitle=[f"{ellipsis(first.prompt, MAX_TITLE)}  ·  * = noised", noise_text(first)],
+            subtitle=[*_preview_lines(list(traces.values())),
+                      f"{ellipsis(first.prompt, MAX_TITLE)}  ·  * = noised", noise_text(first)],
             anchor="start", subtitleColor="#555"))
 
 
-def noise_sweep(traces: Mapping[float, Trace], metric: str = "prob",
-                per_row: int = 2) -> alt.VConcatChart:
-    """The same trace at several noise levels on one colour scale, ``per_row`` panels a row."""
+def noise_sweep(traces: Mapping[float, Trace], metric: str = "prob", per_row: int = 2,
+                exact: Mapping[float, np.ndarray | None] | None = None) -> alt.VConcatChart:
+    """The same trace at several noise levels on one colour scale, ``per_row`` panels a row
+    (``exact``: per level, the exact-cell mask of a preview being refined)."""
     if not traces:
         raise ValueError("The noise sweep needs at least one noise level.")
-    ordered = [traces[k] for k in sorted(traces)]
+    levels = sorted(traces)
+    ordered = [traces[k] for k in levels]
     domain = metric_domain(ordered, metric)
     per_row = max(1, min(per_row, len(ordered)))
     width = _cell_width(ordered[0].n_layers, per_row)
@@ -245,14 +262,15 @@ def noise_sweep(traces: Mapping[float, Trace], metric: str = "prob",
         unit = " × σ" if trace.settings.get("noise_mode") == "sigma" else ""
         panels.append(heatmap_layer(
             trace, metric, domain=domain, title=f"noise {level:g}{unit}",
-            subtitle=[f"corrupted {low:.4g}"], legend=i == 0, y_labels=i % per_row == 0,
-            x_title="layer", cell_width=width, cell_height=CELL_HEIGHT - 4))
+            subtitle=[f"corrupted {low:.4g}"], legend=True, y_labels=i % per_row == 0,  # one merged legend
+            x_title="layer", cell_width=width, cell_height=CELL_HEIGHT - 4,
+            exact=(exact or {}).get(levels[i])))
     rows = [alt.hconcat(*panels[i:i + per_row]) for i in range(0, len(panels), per_row)]
     first = ordered[0]
     return pad(alt.vconcat(*rows).resolve_scale(color="shared")).properties(
         title=alt.TitleParams(
             f"{kind_title(first)} at several noise levels (one colour scale)",
-            subtitle=[ellipsis(first.prompt, MAX_TITLE) + "  ·  * = noised",
+            subtitle=[*_preview_lines(ordered), ellipsis(first.prompt, MAX_TITLE) + "  ·  * = noised",
                       f"{first.settings.get('samples')} samples, seed {first.settings.get('seed')}"],
             anchor="start", subtitleColor="#555"))
 

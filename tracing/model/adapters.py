@@ -2,7 +2,8 @@
 
 An adapter names the token embedding, the blocks, each block's MLP and attention, the final norm,
 the unembedding and (where the family has them) learned position embeddings or a rotary module,
-and knows the keyword names its blocks take. Everything else in the library is architecture-free.
+the attention output projection (whose input holds each head's output, head after head), and
+knows the keyword names its blocks take. Everything else in the library is architecture-free.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Adapter:
     unembed: str
     mlp: str  # relative to a block
     attn: str  # relative to a block
+    attn_out: str  # relative to a block: the output projection; its input is [..., n_heads * head_dim]
     position_embedding: str | None = None  # learned absolute positions (GPT-2)
     rotary: str | None = None  # module computing rotary (cos, sin) for the blocks
     cache_kwarg: str = "cache"
@@ -48,6 +50,22 @@ class Adapter:
         out = block(hidden, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
+    def out_projections(self, blocks: nn.ModuleList) -> dict[int, nn.Module]:
+        """Layer -> the attention output projection of that block."""
+        return {layer: block.get_submodule(self.attn_out) for layer, block in enumerate(blocks)}
+
+
+def projection_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of a linear projection as [out_features, in_features] (``nn.Linear``, or GPT-2's
+    ``Conv1D`` whose weight is stored [in, out])."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        return module.weight.T
+    raise UnsupportedArchitectureError(f"Unknown projection type {type(module).__name__}.")
+
 
 GPT2 = Adapter(
     family="GPT-2",
@@ -59,6 +77,7 @@ GPT2 = Adapter(
     unembed="lm_head",
     mlp="mlp",
     attn="attn",
+    attn_out="attn.c_proj",
 )
 
 LLAMA = Adapter(
@@ -71,6 +90,7 @@ LLAMA = Adapter(
     unembed="lm_head",
     mlp="mlp",
     attn="self_attn",
+    attn_out="self_attn.o_proj",
 )
 
 GPT_NEOX = Adapter(
@@ -83,6 +103,7 @@ GPT_NEOX = Adapter(
     unembed="lm_head",
     mlp="mlp",
     attn="attention",
+    attn_out="attention.dense",
     cache_kwarg="layer_past",
 )
 
@@ -96,6 +117,7 @@ GPTJ = Adapter(
     unembed="lm_head",
     mlp="mlp",
     attn="attn",
+    attn_out="attn.out_proj",
 )
 
 ADAPTERS: tuple[Adapter, ...] = (GPT2, LLAMA, GPT_NEOX, GPTJ)

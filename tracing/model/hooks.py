@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-OutputEditor = Callable[[int, torch.Tensor], None]
+OutputEditor = Callable[[int, torch.Tensor], None]  # (layer, tensor) -> None; may edit in place
 
 
 @contextlib.contextmanager
@@ -36,6 +36,30 @@ def edit_outputs(modules: Mapping[int, nn.Module], edit: OutputEditor) -> Iterat
     try:
         for layer, module in modules.items():
             handles.append(module.register_forward_hook(make_hook(layer)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def edit_inputs(modules: Mapping[int, nn.Module], edit: OutputEditor) -> Iterator[None]:
+    """Call ``edit(layer, input)`` on each module's first positional input (it may change it in
+    place), in this thread's forwards only; removed when the block ends (the pre-hook twin of
+    ``edit_outputs``)."""
+    owner = threading.get_ident()
+    handles = []
+
+    def make_hook(layer: int):
+        def hook(module, args):
+            if threading.get_ident() == owner and args:
+                edit(layer, args[0])
+
+        return hook
+
+    try:
+        for layer, module in modules.items():
+            handles.append(module.register_forward_pre_hook(make_hook(layer)))
         yield
     finally:
         for handle in handles:

@@ -196,11 +196,28 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         pool.shutdown(wait=False)
 
 
+MAX_NAME_CHARS = 1024  # longer names are not paths or hub ids on any system this runs on
+
+
 def _resolve(name: str) -> tuple[str, str, dict[str, Any]]:
     """(source kind, path or id, extra from_pretrained kwargs) for a model name."""
     if name.strip().lower() in {DEFAULT_MODEL.lower(), "embedded", "default"}:
         return "embedded", str(_converted_gguf_folder(embedded_gguf_path())), {}
+    if len(name) > MAX_NAME_CHARS or any(ord(c) < 32 for c in name):
+        shown = name if len(name) <= 60 else name[:57] + "…"
+        raise ModelLoadError(
+            f"'{shown}' is not a model name ({len(name)} characters{', with control characters' if any(ord(c) < 32 for c in name) else ''}): "
+            f"use '{DEFAULT_MODEL}', a Hugging Face hub id such as 'gpt2-xl', a local model folder "
+            f"or a .gguf file (at most {MAX_NAME_CHARS} characters).")
     path = Path(name).expanduser()
+    try:
+        path.exists()
+    except (OSError, ValueError) as exc:
+        shown = name if len(name) <= 60 else name[:57] + "…"
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ModelLoadError(f"'{shown}' is not a model name or a usable path ({reason}): use "
+                             f"'{DEFAULT_MODEL}', a hub id such as 'gpt2-xl', a local model folder or "
+                             "a .gguf file.") from None
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"No GGUF file at '{name}'.")

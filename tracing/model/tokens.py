@@ -46,6 +46,22 @@ def completion_token(lm: "LoadedModel", prompt: str | None, completion: str, wha
     return int(alone[0])
 
 
+def spacing_hint(lm: "LoadedModel", prompt: str | None, completion: str) -> str | None:
+    """The spaced form of a completion typed without its leading space (``"Beijing"`` ->
+    ``" Beijing"``) when the two start with different tokens (the unspaced one is usually a piece of
+    a word, such as "Be"); None when the completion is fine as typed."""
+    if not isinstance(completion, str) or not completion.strip() or completion[0].isspace():
+        return None
+    if prompt and prompt[-1].isspace():
+        return None
+    spaced = " " + completion
+    try:
+        differs = completion_token(lm, prompt, completion) != completion_token(lm, prompt, spaced)
+    except ValueError:
+        return None
+    return spaced if differs else None
+
+
 def answer_token(lm: "LoadedModel", answer: int | str, what: str = "target", prompt: str | None = None) -> int:
     """A token id from an id, or from a completion string (its first token after ``prompt``)."""
     vocab = lm.model.get_submodule(lm.adapter.unembed).weight.shape[0]
