@@ -203,15 +203,22 @@ def section_heads(stored: dict) -> None:
     _difference(result, target, new)
 
 
+def pick_pair(categories: list[str], key: str) -> tuple[str, str]:
+    """Two prompt types A and B to compare (widgets ``<key>_a``, ``<key>_b``); says so when the
+    same type is picked twice."""
+    c1, c2 = st.columns(2)
+    a = c1.selectbox("A", categories, index=len(categories) - 1, key=f"{key}_a", format_func=group_label)
+    b = c2.selectbox("B", categories, index=0, key=f"{key}_b", format_func=group_label)
+    if a == b:
+        st.info("Pick two different prompt types to see their difference.")
+    return a, b
+
+
 def _difference(result: A.PromptSetAttention, target: str, new: tuple[int, int] | None) -> None:
     cats = result.categories
     if len(cats) >= 2:
-        c1, c2 = st.columns(2)
-        a = c1.selectbox("A", cats, index=len(cats) - 1, key="attn_diff_a", format_func=group_label)
-        b = c2.selectbox("B", cats, index=0, key="attn_diff_b", format_func=group_label)
-        if a == b:
-            st.info("Pick two different prompt types to see their difference.")
-        else:
+        a, b = pick_pair(cats, "attn_diff")
+        if a != b:
             diff = A.head_difference(result, target, a, b)
             chart = C.difference_grid(diff, a, b, alt.selection_point(fields=["layer", "head"], name="dcell"))
             event = st.altair_chart(chart, width="content", on_select="rerun", selection_mode="dcell",
@@ -323,12 +330,8 @@ def _effect_grids(plan: list, metric: str, where: str) -> None:
     new = _clicked_cell(event, "fxcell", "attn_fx_seen")
     cats = list(dict.fromkeys(summary["category"]))
     if len(cats) >= 2:
-        c1, c2 = st.columns(2)
-        a = c1.selectbox("A", cats, index=len(cats) - 1, key="attn_fx_diff_a", format_func=group_label)
-        b = c2.selectbox("B", cats, index=0, key="attn_fx_diff_b", format_func=group_label)
-        if a == b:
-            st.info("Pick two different prompt types to see their difference.")
-        else:
+        a, b = pick_pair(cats, "attn_fx_diff")
+        if a != b:
             diff = A.category_difference(summary, a, b)
             chart = C.difference_grid(diff, a, b, alt.selection_point(fields=["layer", "head"], name="fxdcell"),
                                       title=f"Causal effect of each head ({label}): A − B")

@@ -201,3 +201,28 @@ def test_embedded_model_matches_reference(embedded):
         assert traced.scores[l, h] == pytest.approx(reference[l, h], abs=1e-5)
     assert traced.low == pytest.approx(low, abs=1e-5) and traced.high == pytest.approx(high, abs=5e-5)
     assert max(abs(reference[l, h] - low) for l, h in cells) > 0.002
+
+
+def test_the_heads_command_writes_the_grid_of_a_prompt_set(embedded, tmp_path):
+    """``python -m tracing heads``: one prompt, its grid equal to ``head_trace`` of that prompt;
+    a second run reads the store; bad input exits with 2."""
+    import pandas as pd
+
+    from tracing.__main__ import main
+    from tracing.prompts import load_prompt_set, resolve_noised
+
+    from pathlib import Path
+
+    quick = str(Path(__file__).resolve().parents[1] / "prompts" / "quick.csv")
+    out, store = tmp_path / "heads.csv", tmp_path / "store"
+    args = ["heads", "--prompts", quick, "--limit", "1", "--samples", "1", "--seed", "3",
+            "--store", str(store), "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    table = pd.read_csv(out)
+    row = load_prompt_set(quick).iloc[0]
+    noised = resolve_noised(embedded, row["prompt"], row["subject"], row.get("noised"))
+    direct = head_trace(embedded, row["prompt"], noised, noise=0.4, samples=1, seed=3, target=row["expected"])
+    grid = table.pivot(index="layer", columns="head", values="mean").to_numpy()
+    np.testing.assert_allclose(grid, direct.metric("normalised"), atol=1e-6)
+    assert main(args) == 0  # from the store now
+    assert main(args[:-1] + ["--samples", "0"]) == 2

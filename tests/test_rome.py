@@ -205,3 +205,30 @@ def test_sever_is_passed_to_the_engine(tiny, tmp_path):
     got = table[table["position"] == "last_subject"]["aie"].to_numpy()
     assert np.allclose(got, np.asarray(scores[positions[-1]]) - low, atol=1e-6)
     assert table.attrs["settings"]["sever"] == "mlp"
+
+
+def test_the_rome_command_passes_the_ray_backend_to_the_batch(monkeypatch, tmp_path):
+    """``python -m tracing rome --backend ray --workers 2`` hands the backend to ``run_batch``
+    (the Ray path itself is tested in test_ray_backend.py); Ray flags without it are refused."""
+    import pandas as pd
+
+    import tracing.rome
+    from tracing.__main__ import build_parser, main
+
+    seen = {}
+
+    def fake(lm, frame, **kwargs):
+        seen.update(kwargs)
+        table = pd.DataFrame({"position": ["last"], "layer": [0], "aie": [0.0], "ci_low": [0.0],
+                              "ci_high": [0.0], "n": [1]})
+        table.attrs.update(used=1, skipped=[], noise=0.1, noise_rule="given", high=0.5, low=0.1,
+                           total_effect=0.4, elapsed=0.0)
+        return table
+
+    monkeypatch.setattr(tracing.rome, "average_indirect_effects", fake)
+    args = ["rome", "--limit", "1", "--all-prompts", "--quiet", "--store", str(tmp_path)]
+    assert main(args + ["--backend", "ray", "--workers", "2"]) == 0
+    assert seen["batch_options"] == {"backend": "ray", "workers": 2, "address": None, "gpus_per_worker": None}
+    assert main(args) == 0 and seen["batch_options"] == {}
+    assert main(args + ["--workers", "2"]) == 2  # Ray flags need --backend ray
+    assert build_parser().parse_args(args).backend == "local"

@@ -1,5 +1,6 @@
 """Command line: ``python -m tracing batch ...`` (headless batch tracing into the result store),
-``python -m tracing rome ...`` (ROME's average indirect effects on a fact set; ``tracing.cli_rome``)
+``python -m tracing rome ...`` (ROME's average indirect effects on a fact set; ``tracing.cli_rome``),
+``python -m tracing heads ...`` (per-head restoration over a prompt set; ``tracing.cli_heads``)
 and ``python -m tracing prompts FILE`` (check a prompt set).
 
 Examples::
@@ -18,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import cli_rome
+from . import cli_heads, cli_rome
+from .cli_common import add_backend_arguments, backend_options
 from .causal import ROW_CHOICES
 from .settings import CONVENTIONS, CORRUPTIONS, DEFAULTS, KINDS, NOISE_MODES, TraceSettings
 
@@ -54,30 +56,6 @@ def _batch_parser(sub) -> None:
     add_backend_arguments(p)
 
 
-def add_backend_arguments(p: argparse.ArgumentParser) -> None:
-    """``--backend``, ``--workers``, ``--address``, ``--gpus-per-worker`` (batch and rome)."""
-    from .batch import BACKENDS
-
-    g = p.add_argument_group("Ray backend (docs/CLUSTER.md)")
-    g.add_argument("--backend", default="local", choices=BACKENDS,
-                   help="local: one prompt after another here; ray: a pool of Ray workers")
-    g.add_argument("--workers", type=int, default=None, help="Ray workers (default 1)")
-    g.add_argument("--address", default=None,
-                   help="Ray cluster address (ray start --head); default: a private local instance on loopback")
-    g.add_argument("--gpus-per-worker", type=float, default=None,
-                   help="GPUs per Ray worker (default: 1 when the cluster has GPUs and the model is on CUDA)")
-
-
-def backend_options(args: argparse.Namespace) -> dict:
-    """run_batch keywords from the backend arguments (ValueError for Ray flags without --backend ray)."""
-    if args.backend == "local":
-        if args.workers not in (None, 1) or args.address or args.gpus_per_worker is not None:
-            raise ValueError("--workers, --address and --gpus-per-worker need --backend ray")
-        return {}
-    return {"backend": "ray", "workers": args.workers or 1, "address": args.address,
-            "gpus_per_worker": args.gpus_per_worker}
-
-
 def _prompts_parser(sub) -> None:
     p = sub.add_parser("prompts", help="check a prompt set (format, constraints, model top-1)")
     p.add_argument("file", nargs="?", default=None, help="prompt-set CSV (default: the shipped set)")
@@ -90,11 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tracing",
         description="Headless batch tracing into the result store (batch), ROME's average indirect "
-                    "effects on a fact set (rome) and prompt-set checks (prompts).",
+                    "effects on a fact set (rome), per-head restoration (heads) and prompt-set "
+                    "checks (prompts).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _batch_parser(sub)
     cli_rome.add_parser(sub)
+    cli_heads.add_parser(sub)
     _prompts_parser(sub)
     return parser
 
@@ -243,8 +223,8 @@ def run_prompts_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m tracing``."""
     args = build_parser().parse_args(argv)
-    if args.command == "rome":
-        return cli_rome.main(args)  # it reports its own errors
+    if args.command in ("rome", "heads"):  # they report their own errors
+        return (cli_rome if args.command == "rome" else cli_heads).main(args)
     started = time.perf_counter()
     try:
         code = run_batch_command(args) if args.command == "batch" else run_prompts_command(args)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli_common import add_backend_arguments, backend_options
 from .settings import DEFAULTS, KINDS
 
 KIND_CHOICES = KINDS + ("all",)
@@ -36,6 +37,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--out", default=None, help="write the AIE table (with a kind column) to this CSV")
     p.add_argument("--quiet", action="store_true")
+    add_backend_arguments(p)
     p.set_defaults(handler=main)
     return p
 
@@ -55,6 +57,7 @@ def main(args: argparse.Namespace) -> int:
     from .store import ResultStore
 
     try:
+        backend = backend_options(args)
         frame = load_prompt_set(args.prompts or PROMPTS_DIR / "facts.csv")
         frame = frame.head(args.limit) if args.limit else frame
         lm = load_model(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype)
@@ -77,7 +80,7 @@ def main(args: argparse.Namespace) -> int:
             table = average_indirect_effects(
                 lm, frame, kind=kind, noise=args.noise, samples=args.samples, seed=args.seed, window=args.window,
                 sever=args.sever, correct_only=not args.all_prompts, progress=progress, store=store,
-                correct=correct)
+                correct=correct, batch_options=backend)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

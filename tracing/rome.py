@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -255,6 +255,7 @@ def average_indirect_effects(
     convention: str = ROME_CONVENTION,
     correct: pd.Series | None = None,
     stored_only: bool = False,
+    batch_options: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """ROME's average indirect effect of restoring each (position, layer) over a fact set.
 
@@ -267,7 +268,8 @@ def average_indirect_effects(
     ``prompt_progress(done, total)`` within one (either returning False cancels, as does
     ``should_stop()``); a cancelled run averages the prompts finished so far. ``convention``:
     ROME's ``"output"`` by default (hidden kind). ``correct``: ``correct_mask`` when already
-    known. ``stored_only``: average the stored traces, computing none.
+    known. ``stored_only``: average the stored traces, computing none. ``batch_options``: more
+    ``run_batch`` keywords, e.g. ``backend="ray", workers=2`` (docs/CLUSTER.md).
     """
     started = time.perf_counter()
     store = store or ResultStore()
@@ -279,7 +281,8 @@ def average_indirect_effects(
     stop = (lambda: True) if stored_only else should_stop
     # causal.causal_trace is looked up now: tests may swap the engine
     result = run_batch(lm, planned["frame"], planned["settings"], store, target="expected", progress=progress,
-                       prompt_progress=prompt_progress, should_stop=stop, trace=causal.causal_trace)
+                       prompt_progress=prompt_progress, should_stop=stop, trace=causal.causal_trace,
+                       **dict(batch_options or {}))
     traced = result.traced()
     skipped = planned["skipped"] + [(r.prompt, r.message) for r in result.results if r.status in ("failed", "skipped")]
     table = aie_table([prompt_effects(r.trace) for r in traced], lm.n_layers)
