@@ -24,7 +24,7 @@ from pages.state import TraceState
 from tracing import runcard
 from tracing.analysis import transition_layer
 from tracing.causal import (Trace, TraceCancelled, causal_trace, chunk_work_for, embedding_sigma,
-                            estimate_trace, resolve_rows)
+                            estimate_trace)
 from tracing.charts import severed, style
 from tracing.charts import trace as charts
 from tracing.model.tokens import (answer_token, completion_token, spacing_hint, subject_positions,
@@ -440,7 +440,7 @@ def cost_accepted(lm: tracing.LoadedModel, requests: dict[Any, runcard.TraceRequ
     row = box.container(horizontal=True, gap="small")
     row.button(f"Compute it ({duration(seconds)})", key="trace_cost_go", on_click=_confirm, args=(keys,))
     if state.rows != "noised_final":
-        cheaper = sum(estimate(lm, r, rows=_noised_final(lm, r)) for r in requests.values())
+        cheaper = sum(estimate(lm, r, rows="noised_final") for r in requests.values())
         row.button(f"Only the noised and final rows ({duration(cheaper)})", key="trace_cost_rows",
                    on_click=_set_widgets, kwargs={"rows": "noised_final"})
     if state.samples > 1:
@@ -448,10 +448,6 @@ def cost_accepted(lm: tracing.LoadedModel, requests: dict[Any, runcard.TraceRequ
         row.button(f"1 sample ({duration(cheaper)})", key="trace_cost_samples",
                    on_click=_set_widgets, kwargs={"samples": 1})
     return False
-
-
-def _noised_final(lm: tracing.LoadedModel, request: runcard.TraceRequest) -> list[int]:
-    return resolve_rows("noised_final", request.noised, len(tokenize(lm, request.prompt)))
 
 
 def get_traces(lm: tracing.LoadedModel, requests: dict[Any, runcard.TraceRequest], state: TraceState,
