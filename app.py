@@ -32,5 +32,6 @@ PAGES = [
 
 page = st.navigation(PAGES, position="top")
 common.land(page.url_path or common.PATHS["trace"])
+common.show_problems(common.restore_study(page.url_path or common.PATHS["trace"]))
 common.model_sidebar()
 page.run()

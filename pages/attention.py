@@ -10,12 +10,13 @@ import pandas as pd
 import streamlit as st
 
 from pages import common
-from pages.state import ATTENTION_TABS, AttentionState
+from pages.state import ATTENTION_TABS, PROMPT_SOURCES, AttentionState, Study
 from tracing import attention as A
 from tracing import heads as HD
-from tracing.categories import group_label
+from tracing import runcard
+from tracing.categories import group_label, ordered
 from tracing.charts import attention as C
-from tracing.charts.style import token_labels
+from tracing.charts.style import ellipsis, show_token, token_labels
 from tracing.model.tokens import token_strings, tokenize
 from tracing.prompts import LONG_TEXT
 from tracing.settings import INTERACTIVE, METRICS, NOISE_RANGE, SAMPLES_RANGE, SEED_RANGE, TraceSettings
@@ -25,6 +26,8 @@ SET_KEY = "attn_set_result"  # last good prompt-set result: dict(model, source, 
 LONG_KEY = "attn_long_result"  # last good long-text result: dict(model, source, result)
 MAX_TEXT_BYTES = 5_000_000
 MAX_PATTERN_TOKENS = 90  # 90 x 91 / 2 cells: under Altair's 5000-row limit
+MAX_PROMPT_CHARS = 2000  # the single prompt's own text field
+SOURCE_LABELS = {"study": "the study's prompt", "own": "my own prompt"}
 DEFAULT_TEXT_LABEL = (
     "“The Tide Clock of Harrow Point”, an original short story (about 3,400 words) written for this "
     "app and released into the public domain (CC0). It appears in no book, so the model cannot "
@@ -57,9 +60,8 @@ def _first_token_attention(model: str, revision: str, window: tuple[int, ...]) -
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _pattern(model: str, revision: str, prompt: str, layer: int) -> tuple[np.ndarray, list[str]]:
-    lm = common.cached_model(model)
-    return A.attention_pattern(lm, prompt, layer), token_labels(token_strings(lm, tokenize(lm, prompt)))
+def _pattern(model: str, revision: str, prompt: str, layer: int) -> np.ndarray:
+    return A.attention_pattern(common.cached_model(model), prompt, layer)
 
 
 def _cached_attend(lm, prompt: str, positions) -> np.ndarray:
@@ -143,6 +145,7 @@ def _result_caption(stored: dict, model: str) -> None:
 
 def section_by_type(stored: dict) -> None:
     result: A.PromptSetAttention = stored["result"]
+    source = stored["source"]
     st.caption(
         "For each prompt (un-noised), the attention weight of the **final token's query** on the "
         "**first** token, the **noised** token (the subject's last token: what causal tracing corrupts) "
@@ -154,15 +157,18 @@ def section_by_type(stored: dict) -> None:
     summary = A.layer_summary(result)
     chart = C.layer_lines(summary, scale)
     st.altair_chart(chart, width="content")
-    common.chart_downloads(chart, f"attention_by_type_{scale}", summary)
+    common.chart_downloads(chart, "attention_by_type", summary,
+                           name=common.file_name("attention_by_type", source, scale))
     target = st.selectbox("Compare the prompt types on", list(A.TARGETS), key="attn_type_target",
                           format_func=lambda t: f"attention to the {A.TARGET_LABELS[t]}")
     chart = C.category_lines(summary, target, scale)
     st.altair_chart(chart, width="content")
-    common.chart_downloads(chart, f"attention_{target}_by_type_{scale}", summary[summary["target"] == target])
+    common.chart_downloads(chart, "attention_types_compared", summary[summary["target"] == target],
+                           name=common.file_name("attention_to", target, "by_type", source, scale))
     with st.expander("Every number (prompt × layer × head × target)"):
         common.download_button("CSV", A.long_frame(result).to_csv(index=False),
-                               "attention_per_prompt_head.csv", "text/csv", "attn_all_csv")
+                               f"{common.file_name('attention_per_prompt_head', source)}.csv", "text/csv",
+                               "attn_all_csv")
         st.dataframe(result.table, hide_index=True, width="stretch")
 
 
@@ -198,9 +204,11 @@ def section_heads(stored: dict) -> None:
     heads = A.head_summary(result, target)
     chart = C.head_grids(heads, scale, alt.selection_point(fields=["layer", "head"], name="cell"))
     event = st.altair_chart(chart, width="content", on_select="rerun", selection_mode="cell", key="attn_grid")
-    common.chart_downloads(chart, f"attention_heads_{target}", heads)
+    files = ("attention_heads", target, stored["source"])
+    common.chart_downloads(chart, "attention_heads", heads, name=common.file_name(*files, scale))
     new = _clicked_cell(event, "cell", "attn_grid_seen")
-    _difference(result, target, new)
+    new = _difference(heads, "attn_diff", f"Attention to the {A.TARGET_LABELS[target]}: A − B", files, new)
+    _per_prompt(result, target, new, stored["source"])
 
 
 def pick_pair(categories: list[str], key: str) -> tuple[str, str]:
@@ -214,29 +222,39 @@ def pick_pair(categories: list[str], key: str) -> tuple[str, str]:
     return a, b
 
 
-def _difference(result: A.PromptSetAttention, target: str, new: tuple[int, int] | None) -> None:
-    cats = result.categories
-    if len(cats) >= 2:
-        a, b = pick_pair(cats, "attn_diff")
-        if a != b:
-            diff = A.head_difference(result, target, a, b)
-            chart = C.difference_grid(diff, a, b, alt.selection_point(fields=["layer", "head"], name="dcell"))
-            event = st.altair_chart(chart, width="content", on_select="rerun", selection_mode="dcell",
-                                    key="attn_diff_grid")
-            common.chart_downloads(chart, f"attention_heads_{target}_difference", diff)
-            new = _clicked_cell(event, "dcell", "attn_diff_seen") or new
-    else:
+def _difference(heads: pd.DataFrame, key: str, title: str, files: tuple[str, ...],
+                new: tuple[int, int] | None) -> tuple[int, int] | None:
+    """Two prompt types A and B (widgets ``<key>_a``, ``<key>_b``) and the layers x heads grid of
+    A − B of ``heads`` (a per-head mean: attention weights or causal effects); ``files``: what the
+    downloads hold (``common.file_name`` parts). Returns the cell newly clicked in it, else ``new``."""
+    cats = ordered(heads["category"])
+    if len(cats) < 2:
         st.info("The difference grid needs prompts of at least two types.")
-    _per_prompt(result, target, new)
+        return new
+    a, b = pick_pair(cats, key)
+    if a == b:
+        return new
+    diff = A.category_difference(heads, a, b)
+    chart = C.difference_grid(diff, a, b, alt.selection_point(fields=["layer", "head"], name="dcell"), title=title)
+    event = st.altair_chart(chart, width="content", on_select="rerun", selection_mode="dcell", key=f"{key}_grid")
+    common.chart_downloads(chart, f"{key}_grid", diff, name=common.file_name(*files, a, "minus", b))
+    return _clicked_cell(event, "dcell", f"{key}_seen") or new
 
 
-def _per_prompt(result: A.PromptSetAttention, target: str, new: tuple[int, int] | None) -> None:
+def _cell_name(layer: int, head: int | None) -> tuple[str, str]:
+    """(words, file-name part) of a layer and head (None: the mean over heads)."""
+    return (f"layer {layer}, " + (MEAN if head is None else f"head {head}"),
+            f"L{layer}_H{'mean' if head is None else head}")
+
+
+def _per_prompt(result: A.PromptSetAttention, target: str, new: tuple[int, int] | None, source: str) -> None:
     layer, head = _cell_pickers(result.n_layers, result.n_heads, new)
     values = A.per_prompt_values(result, target, layer, head)
-    where = f"layer {layer}, " + ("mean over heads" if head is None else f"head {head}")
+    where, part = _cell_name(layer, head)
     chart = C.per_prompt_strip(values, f"Attention to the {A.TARGET_LABELS[target]}, every prompt · {where}")
     st.altair_chart(chart, width="content")
-    common.chart_downloads(chart, f"attention_{target}_L{layer}_H{'mean' if head is None else head}", values)
+    common.chart_downloads(chart, "attention_per_prompt", values,
+                           name=common.file_name("attention_per_prompt", target, source, part))
     st.dataframe(values.sort_values("attention", ascending=False), hide_index=True, width="stretch",
                  column_config={"attention": st.column_config.NumberColumn(format="%.4f")})
 
@@ -289,12 +307,13 @@ def section_effects(lm, picked: tuple[pd.DataFrame, str]) -> None:
         "attention output projection's input) at one position of the corrupted run, and measure how much of "
         "the expected token's probability comes back. Head traces are kept in the result store."
     )
-    frame, _ = picked
+    frame, source = picked
     settings, where, metric = _effect_settings(lm)
     scope = st.radio("Of", list(EFFECT_SCOPES), horizontal=True, key="attn_fx_scope", format_func=EFFECT_SCOPES.get)
     store = common.result_store()
+    files = ("head_effects", where, metric, f"noise{settings.noise:g}", f"seed{settings.seed}")
     if scope == "one":
-        _effect_one(lm, frame, settings, where, metric, store)
+        _effect_one(lm, frame, settings, where, metric, store, files)
         return
     try:
         plan = HD.plan_heads(lm, frame, settings, store, where)
@@ -316,42 +335,31 @@ def section_effects(lm, picked: tuple[pd.DataFrame, str]) -> None:
     if not any(r.trace is not None for r in plan):
         st.info("No head traces yet for these settings: press the button above.")
         return
-    _effect_grids(plan, metric, where)
+    _effect_grids(plan, metric, where, (*files, source))
 
 
-def _effect_grids(plan: list, metric: str, where: str) -> None:
+def _effect_grids(plan: list, metric: str, where: str, files: tuple[str, ...]) -> None:
     summary = HD.head_summary(plan, metric)
     label = METRICS[metric].label
     chart = C.head_grids(summary, "linear", alt.selection_point(fields=["layer", "head"], name="fxcell"),
                          title=f"Causal effect of each head at the {HD.TOKEN_LABELS[where]} ({label}), per prompt type",
                          subtitle=_effect_caption(metric, where) + " Mean over the prompts of each type.", value="effect")
     event = st.altair_chart(chart, width="content", on_select="rerun", selection_mode="fxcell", key="attn_fx_grid")
-    common.chart_downloads(chart, f"head_effects_{where}_{metric}", summary)
+    common.chart_downloads(chart, "head_effects", summary, name=common.file_name(*files))
     new = _clicked_cell(event, "fxcell", "attn_fx_seen")
-    cats = list(dict.fromkeys(summary["category"]))
-    if len(cats) >= 2:
-        a, b = pick_pair(cats, "attn_fx_diff")
-        if a != b:
-            diff = A.category_difference(summary, a, b)
-            chart = C.difference_grid(diff, a, b, alt.selection_point(fields=["layer", "head"], name="fxdcell"),
-                                      title=f"Causal effect of each head ({label}): A − B")
-            event = st.altair_chart(chart, width="content", on_select="rerun", selection_mode="fxdcell",
-                                    key="attn_fx_diff_grid")
-            common.chart_downloads(chart, f"head_effects_{where}_{metric}_difference", diff)
-            new = _clicked_cell(event, "fxdcell", "attn_fx_dseen") or new
-    else:
-        st.info("The difference grid needs prompts of at least two types.")
+    new = _difference(summary, "attn_fx_diff", f"Causal effect of each head ({label}): A − B", files, new)
     n_layers, n_heads = int(summary["layer"].max()) + 1, int(summary["head"].max()) + 1
     layer, head = _cell_pickers(n_layers, n_heads, new)
     values = HD.per_prompt_effects(plan, layer, head, metric)
-    where_cell = f"layer {layer}, " + ("mean over heads" if head is None else f"head {head}")
+    where_cell, part = _cell_name(layer, head)
     chart = C.per_prompt_strip(values, f"Causal effect ({label}), every prompt · {where_cell}", column="value",
                                axis_title=label)
     st.altair_chart(chart, width="content")
-    common.chart_downloads(chart, f"head_effects_{metric}_L{layer}_H{'mean' if head is None else head}", values)
+    common.chart_downloads(chart, "head_effects_per_prompt", values, name=common.file_name(*files, part))
 
 
-def _effect_one(lm, frame: pd.DataFrame, settings: TraceSettings, where: str, metric: str, store) -> None:
+def _effect_one(lm, frame: pd.DataFrame, settings: TraceSettings, where: str, metric: str, store,
+                files: tuple[str, ...]) -> None:
     """One prompt of the set: its head trace (from the store, else computed now) as one grid."""
     prompts = frame["prompt"].tolist()
     if st.session_state.get("attn_fx_prompt", 0) >= len(prompts):
@@ -378,7 +386,7 @@ def _effect_one(lm, frame: pd.DataFrame, settings: TraceSettings, where: str, me
     chart = C.head_grids(grid, "linear", title=f"Causal effect of each head at {token!r} ({label})",
                          subtitle=_effect_caption(metric, where), value="effect")
     st.altair_chart(chart, width="content")
-    common.chart_downloads(chart, f"head_effects_one_{where}_{metric}", grid)
+    common.chart_downloads(chart, "head_effects_one", grid, name=common.file_name(*files, traced.prompt))
     top = traced.frame("normalised").sort_values("value", ascending=False).head(5)
     st.caption(f"Target {traced.target!r}: p = {traced.low:.4f} corrupted, {traced.high:.4f} clean · noised tokens "
                f"{', '.join(repr(traced.tokens[i]) for i in traced.noised)} · {traced.elapsed:.1f} s. "
@@ -405,53 +413,112 @@ def _cell_pickers(n_layers: int, n_heads: int, new: tuple[int, int] | None) -> t
 
 def section_single(lm) -> None:
     st.caption(
-        "One prompt, un-noised: the full attention pattern of one head (row = the attending token, "
-        "column = the token it attends to), and the final token's row for every head of the layer."
+        "One prompt, un-noised: for the study's prompt, the final token's attention to the first, the noised "
+        "and the final token at every layer; then the full attention pattern of one head (row = the attending "
+        "token, column = the token it attends to), and the final token's row for every head of the layer."
     )
-    prompt = st.text_input("Prompt", max_chars=2000, key="attn_single_prompt")
+    source = st.radio("Prompt", list(PROMPT_SOURCES), horizontal=True, key="attn_source",
+                      format_func=SOURCE_LABELS.get)
+    study = common.study()
+    if source == "study":
+        common.study_box("The single-prompt view")
+        st.caption("To look at another prompt, change the study on the trace page, or choose **my own prompt**.")
+        prompt = study.prompt
+    else:
+        prompt = st.text_input("Prompt", max_chars=MAX_PROMPT_CHARS, key="attn_single_prompt")
     c1, c2, c3 = st.columns([2, 1, 1])
-    layer = c1.slider("Layer", 0, lm.n_layers - 1, key=layer_key(lm))
+    layer = int(c1.slider("Layer", 0, lm.n_layers - 1, key=layer_key(lm)))
     head = c2.selectbox("Head", [MEAN] + list(range(lm.n_heads)), key=head_key(lm))
     scale = c3.radio("Colour scale", list(C.SCALES), horizontal=True, key="attn_single_scale")
+    what = "The study's prompt" if source == "study" else "The prompt"
     try:
-        n_tokens = len(tokenize(lm, prompt))
-        if n_tokens > MAX_PATTERN_TOKENS:
-            raise ValueError(f"The prompt has {n_tokens} tokens: this view shows at most {MAX_PATTERN_TOKENS}.")
-        pattern, labels = _pattern(lm.name, lm.revision, prompt, int(layer))
+        tokens = token_strings(lm, tokenize(lm, prompt))
+    except ValueError as exc:
+        st.error(f"{what} cannot be measured: {exc}" + (" Change it on the trace page." if source == "study" else ""))
+        return
+    noised = study_overview(lm, study, tokens, scale) if source == "study" else []
+    if len(tokens) > MAX_PATTERN_TOKENS:
+        st.error(f"{what} has {len(tokens)} tokens: the pattern view shows at most {MAX_PATTERN_TOKENS}"
+                 + (" (the chart above covers every token)." if source == "study" else "."))
+        return
+    pattern_views(lm, prompt, token_labels(tokens, noised), layer, None if head == MEAN else int(head), scale)
+
+
+def study_attention(lm, study: Study) -> tuple[np.ndarray, list[int]]:
+    """The study prompt's final-token attention [layers, heads, 3] to the first token, its noised
+    tokens (summed; the trace page's rule for which) and itself; and the noised positions."""
+    noised = runcard.noised_positions(lm, {**study.trace_fields(), "tokens": list(study.tokens)})
+    row = {"category": "study", "prompt": study.prompt, "subject": study.subject, "noised": noised}
+    result = A.prompt_set_attention(lm, pd.DataFrame([row]), attend=_cached_attend)
+    if len(result.skipped):
+        raise ValueError(result.skipped["error"].iloc[0])
+    return result.weights[0], [int(i) for i in result.table["noised"].iloc[0].split()]
+
+
+def study_overview(lm, study: Study, tokens: list[str], scale: str) -> list[int]:
+    """The compact per-layer chart of the study prompt; returns its noised positions ([] when they
+    cannot be found: the pattern view then marks none)."""
+    try:
+        weights, noised = study_attention(lm, study)
+    except ValueError as exc:
+        st.error(f"Could not measure the study prompt's attention to its noised tokens: {exc} "
+                 "Change the noised tokens on the trace page.")
+        return []
+    n_tokens = len(tokens)
+    marked = ", ".join(f"{i} {show_token(tokens[i])}" for i in noised)
+    notes = [f"Noised tokens (summed): {marked}. Lines: mean over heads; dots: every head (hover for it)."]
+    if 0 in noised or n_tokens - 1 in noised:
+        notes.append("The noised tokens include the " + ("first" if 0 in noised else "final")
+                     + " token: its attention is counted in both lines.")
+    chart = C.prompt_lines(weights, f"Final-token attention per layer · “{ellipsis(study.prompt, 60)}”", notes, scale)
+    st.altair_chart(chart, width="content")
+    heads = C.prompt_heads(weights).merge(C.prompt_summary(weights)[["layer", "target", "mean"]], on=["layer", "target"])
+    common.chart_downloads(chart, "attention_study_prompt", heads,
+                           name=common.file_name("attention_final_token", study.prompt, scale))
+    return noised
+
+
+def pattern_views(lm, prompt: str, labels: list[str], layer: int, head: int | None, scale: str) -> None:
+    """One head's (or the head-averaged) tokens x tokens pattern and every head's final-token row."""
+    try:
+        pattern = _pattern(lm.name, lm.revision, prompt, layer)
     except Exception as exc:  # noqa: BLE001
         common.show_error(exc, "Could not compute the attention pattern")
         return
-    which = pattern.mean(axis=0) if head == MEAN else pattern[int(head)]
-    name = MEAN if head == MEAN else f"head {head}"
-    chart = C.pattern_heatmap(which, labels, f"Attention pattern · layer {layer}, {name}",
-                              "Each row sums to 1. Cells right of the diagonal are masked (causal).", scale)
+    which = pattern.mean(axis=0) if head is None else pattern[head]
+    name, part = _cell_name(layer, head)
+    chart = C.pattern_heatmap(which, labels, f"Attention pattern · {name}",
+                              "Each row sums to 1. Cells right of the diagonal are masked (causal)."
+                              + (" * marks the noised tokens." if any(label.endswith("*") for label in labels) else ""),
+                              scale)
     st.altair_chart(chart, width="content")
     frame = pd.DataFrame(which, index=labels, columns=labels)
-    common.chart_downloads(chart, f"attention_pattern_L{layer}_{name.replace(' ', '_')}",
-                           frame.reset_index(names="query"))
+    common.chart_downloads(chart, "attention_pattern", frame.reset_index(names="query"),
+                           name=common.file_name("attention_pattern", prompt, part))
     rows = pattern[:, -1, :]
     chart = C.final_rows_heatmap(rows, labels, f"Final token's attention, every head of layer {layer}", scale)
     st.altair_chart(chart, width="content")
-    common.chart_downloads(chart, f"attention_final_row_L{layer}",
-                           pd.DataFrame(rows, columns=labels).reset_index(names="head"))
+    common.chart_downloads(chart, "attention_final_rows", pd.DataFrame(rows, columns=labels).reset_index(names="head"),
+                           name=common.file_name("attention_final_row", prompt, f"L{layer}"))
 
 
 # ---------------------------------------------------------------------------------------------
 # 4. Long texts
 
 
-def _long_text_source() -> tuple[str, str] | None:
-    """(text, label) from an upload or the default text; None with an error when unusable."""
+def _long_text_source() -> tuple[str, str, str] | None:
+    """(text, label, file-name part) from an upload or the default text; None with an error when
+    unusable."""
     upload = st.file_uploader(f"A plain-text file (.txt, at most {MAX_TEXT_BYTES // 1_000_000} MB)", type=["txt"],
                               key="attn_long_upload", max_upload_size=MAX_TEXT_BYTES // 1_000_000)
     if upload is None:
         st.caption(f"No file uploaded: using the default text, {DEFAULT_TEXT_LABEL}")
-        return LONG_TEXT.read_text(encoding="utf-8"), "default text (The Tide Clock of Harrow Point)"
+        return LONG_TEXT.read_text(encoding="utf-8"), "default text (The Tide Clock of Harrow Point)", "default_text"
     if upload.size > MAX_TEXT_BYTES:
         st.error(f"`{upload.name}` is {upload.size / 1e6:.1f} MB: the limit is {MAX_TEXT_BYTES / 1e6:.0f} MB.")
         return None
     try:
-        return upload.getvalue().decode("utf-8-sig"), upload.name
+        return upload.getvalue().decode("utf-8-sig"), upload.name, upload.name
     except UnicodeDecodeError as exc:
         st.error(f"`{upload.name}` is not UTF-8 text ({exc.reason} at byte {exc.start}).")
         return None
@@ -470,7 +537,7 @@ def _long_text_form(lm) -> tuple[int, int, int, bool, bool]:
     return int(n), int(m), int(seed), bool(disjoint), go
 
 
-def _overlap_note(lm, source: tuple[str, str] | None, n: int, m: int, disjoint: bool) -> None:
+def _overlap_note(lm, source: tuple[str, str, str] | None, n: int, m: int, disjoint: bool) -> None:
     """Before computing: how many non-overlapping windows the text holds, and a warning when the
     requested random windows must overlap."""
     if source is None:
@@ -503,11 +570,11 @@ def section_long(lm) -> None:
     _overlap_note(lm, source, n, m, disjoint)
 
     def measure() -> dict:
-        text, label = source
+        text, label, stem = source
         with common.progress(f"Measuring {n} windows of {m} tokens…", unit="windows") as update:
             result = A.long_text_attention(lm, text, n, m, seed, progress=update, window_fn=_cached_window,
                                            disjoint=disjoint)
-        return dict(model=lm.name, source=label, result=result)
+        return dict(model=lm.name, source=label, file=stem, result=result)
 
     stored, _ = common.keep_last_good(LONG_KEY, measure if go and source is not None else None,
                                       "Could not measure the text")
@@ -539,18 +606,23 @@ def show_long(stored: dict, model: str) -> None:
     log_x = c1.toggle("Log scale for i", value=False, key="attn_long_logx")
     log_y = c2.toggle("Log scale for attention", value=False, key="attn_long_logy")
     curves = A.long_text_curves(result)
+    files = (stored.get("file", "text"), f"{result.n_samples}x{result.length}", "disjoint" if result.disjoint else "random",
+             f"seed{result.seed}")
     chart = C.long_text_mean(curves, log_x, log_y)
     st.altair_chart(chart, width="content")
-    common.chart_downloads(chart, "first_token_attention_mean", curves[curves["layer"] == "mean"])
+    common.chart_downloads(chart, "first_token_attention_mean", curves[curves["layer"] == "mean"],
+                           name=common.file_name("first_token_attention_mean", *files))
     view = st.radio("Per layer, as", ["heatmap", "lines"], horizontal=True, key="attn_long_view")
     chart = C.long_text_layer_heatmap(curves) if view == "heatmap" else C.long_text_layers(curves, log_x, log_y)
     st.altair_chart(chart, width="content")
-    common.chart_downloads(chart, f"first_token_attention_per_layer_{view}", curves[curves["layer"] != "mean"])
+    common.chart_downloads(chart, "first_token_attention_per_layer", curves[curves["layer"] != "mean"],
+                           name=common.file_name("first_token_attention_per_layer", *files, view))
     start = st.slider("Per-head view: positions from", 0, result.length - 1, tail, key=f"attn_long_from_{result.length}")
     heads = A.long_text_heads(result, start)
     chart = C.long_text_heads(heads, start)
     st.altair_chart(chart, width="content")
-    common.chart_downloads(chart, "first_token_attention_per_head", heads)
+    common.chart_downloads(chart, "first_token_attention_per_head", heads,
+                           name=common.file_name("first_token_attention_per_head", *files, f"from{start}"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,16 +643,35 @@ def length_key(lm) -> str:
     return f"attn_long_m_{lm.n_ctx}"
 
 
+def fitted(lm, state: AttentionState) -> tuple[int, int | str, list[str]]:
+    """The single prompt's layer and head (``MEAN`` or an index) within this model's ranges, and a
+    message for each that did not fit."""
+    middle, problems = lm.n_layers // 2, []
+    layer, head = state.layer, state.head
+    if layer is not None and layer >= lm.n_layers:
+        problems.append(f"`layer={layer}` ignored (this model has layers 0 to {lm.n_layers - 1}); using {middle}.")
+        layer = None
+    if head != "mean" and int(head) >= lm.n_heads:
+        problems.append(f"`head={head}` ignored (this model has heads 0 to {lm.n_heads - 1}); using the {MEAN}.")
+        head = "mean"
+    return (middle if layer is None else layer), (MEAN if head == "mean" else int(head)), problems
+
+
 def restore(lm) -> list[str]:
     """The page state from a shared link (first visit) or the session; the model-dependent
-    widgets (layer, head, window length) get its values within this model's ranges."""
+    widgets (layer, head, window length) get its values within this model's ranges (a link's
+    that do not fit are reported)."""
+    linked = STATE not in st.session_state or common.linked_now(common.PATHS["attention"])
     state, problems = common.restore_state(AttentionState, STATE, common.PATHS["attention"])
-    if layer_key(lm) not in st.session_state:
-        layer = state.layer if state.layer is not None and state.layer < lm.n_layers else lm.n_layers // 2
-        st.session_state[layer_key(lm)] = layer
-    if head_key(lm) not in st.session_state:
-        head = int(state.head) if state.head != "mean" and int(state.head) < lm.n_heads else MEAN
-        st.session_state[head_key(lm)] = head
+    layer, head, unfit = fitted(lm, state)
+    if linked:  # a shared link, or a linked view of another page: its layer and head
+        problems = [*problems, *unfit]
+        st.session_state[layer_key(lm)], st.session_state[head_key(lm)] = layer, head
+    st.session_state.setdefault(layer_key(lm), layer)
+    st.session_state.setdefault(head_key(lm), head)
+    if len(state.own_prompt) > MAX_PROMPT_CHARS and linked:
+        problems.append(f"`own_prompt` is {len(state.own_prompt):,} characters long: cut to the field's "
+                        f"{MAX_PROMPT_CHARS:,}.")
     if length_key(lm) not in st.session_state:
         st.session_state[length_key(lm)] = max(2, min(state.long_m, int(lm.n_ctx)))
     for key, value in EFFECT_DEFAULTS.items():
@@ -616,6 +707,11 @@ def _heads_tab(lm) -> None:
         section_effects(lm, picked)
 
 
+SECTIONS = {"Single prompt": section_single, "By prompt type": lambda lm: _prompt_set_tab(lm, section_by_type),
+            "Per-head grids": _heads_tab, "Long texts": section_long}  # tab name -> what it shows
+assert set(SECTIONS) == set(TABS), "every attention tab needs a section"
+
+
 def main() -> None:
     lm = common.current_model()
     problems = restore(lm)
@@ -626,22 +722,12 @@ def main() -> None:
         "causal mask), on clean prompts."
     )
     common.show_problems(problems)
-    for key in ("attn_set", "attn_skip_flagged", "attn_only_right", *EFFECT_DEFAULTS):  # keep across tabs/views
-        if key in st.session_state:
-            st.session_state[key] = st.session_state[key]
+    common.keep_widgets((*EFFECT_DEFAULTS, layer_key(lm), head_key(lm), length_key(lm)))  # the page state's: restore_state
     tabs = st.tabs(TABS, on_change="rerun", key="attn_tab")  # lazy: only the open tab runs
-    with tabs[0]:
-        if tabs[0].open is not False:
-            _prompt_set_tab(lm, section_by_type)
-    with tabs[1]:
-        if tabs[1].open:
-            _heads_tab(lm)
-    with tabs[2]:
-        if tabs[2].open:
-            section_single(lm)
-    with tabs[3]:
-        if tabs[3].open:
-            section_long(lm)
+    for name, tab in zip(TABS, tabs):
+        with tab:
+            if tab.open or (tab.open is None and name == TABS[0]):
+                SECTIONS[name](lm)
     common.publish_state(current_state(lm), STATE)
 
 

@@ -4,7 +4,6 @@ bootstrap intervals and permutation tests; click a prompt to open its trace."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any
 
@@ -12,21 +11,19 @@ import pandas as pd
 import streamlit as st
 
 from pages import common
-from pages.state import CategoriesState, TraceState
-from tracing import batch, causal, prompts, runcard, stats
+from pages.state import CategoriesState, Study
+from tracing import batch, causal, prompts, stats
 from tracing.charts import averages as category_charts
 from tracing.charts.style import SHORT_KIND, ellipsis
-from tracing.model.tokens import answer_token
-from tracing.settings import DEFAULTS, KINDS, NOISE_MODES, NOISE_RANGE, SAMPLES_RANGE, SEED_RANGE, WINDOW_RANGE
+from tracing.settings import DEFAULTS, KINDS, METRICS, NOISE_MODES, NOISE_RANGE, SAMPLES_RANGE, SEED_RANGE, WINDOW_RANGE
 
 STATE = "cat_state"  # the page state (CategoriesState), kept across page switches
 SET_KEY = "cat_set"  # last valid prompt set: dict(name, source, frame)
 EDITABLE = ["category", "prompt", "expected", "subject", "notes", "noised", "model_top1"]
 MODES = {"absolute": "absolute", "sigma": "× embedding std"}
+ANSWERS = {"expected": "expected token", "top1": "clean top-1"}
 LINKS = "cat_links"  # how many prompts were opened on the trace page (fresh selection keys after each)
-TRACE_PAGE = "pages/trace.py"
-TRACE_STATE = "trace_state"  # the trace page's state key (pages/trace.py STATE)
-TRACE_WIDGET = "trace_"  # prefix of the trace page's widget keys (pages/trace.py W)
+PROMPT_CHARS = 80  # prompts longer than this are cut in messages
 CSV_HELP = ("CSV columns: category, prompt, expected, subject; optional: notes, noised, model_top1 "
             "(see the README).")
 
@@ -82,10 +79,15 @@ def edit_set(lm) -> pd.DataFrame | None:
     if len(flagged):
         with st.expander(f"{len(flagged)} prompt(s) break a constraint of the study"):
             st.dataframe(flagged[["category", "prompt", "subject", "problems"]], width="stretch")
-    stem = state["name"].rsplit(".", 1)[0]
     common.download_button("Download the edited set (CSV)", prompts.prompt_set_to_csv(checked),
-                           f"{stem}-edited.csv", "text/csv", "cat_download_set")
+                           common.file_name(set_stem(), "edited") + ".csv", "text/csv", "cat_download_set")
     return checked
+
+
+def set_stem() -> str:
+    """The current prompt set's name without ".csv" (for file names)."""
+    state = st.session_state.get(SET_KEY)
+    return str(state["name"]).removesuffix(".csv") if state else "prompts"
 
 
 # -- settings and run ----------------------------------------------------------------------------
@@ -98,9 +100,28 @@ def _clamp(key: str, low, high) -> None:
         st.session_state[key] = min(max(value, low), high)
 
 
-def settings_form(n_layers: int) -> CategoriesState:
-    """Trace settings for the whole batch and the target mode (ranges from tracing.settings)."""
-    c = st.columns(6)
+def settings_form(n_layers: int, study: Study) -> CategoriesState:
+    """The batch's settings: the study's (shown on one line), or with "Own settings for this
+    batch" the page's own form; and the traced answer. Traces of both stay in the store."""
+    common.study_box("The batch (its kind, noise, samples, seed and window)")
+    c = st.columns([1.6, 1.4, 3])
+    own = c[0].toggle("Own settings for this batch", key="cat_own",
+                      help="Off: the batch traces with the study's settings (set on the trace page). On: "
+                           "with the settings below. Traces made with either stay in the result store.")
+    c[1].selectbox("Target", batch.TARGETS, key="cat_target", format_func=ANSWERS.get)
+    if own:
+        own_form(n_layers)
+    state = common.widget_state(CategoriesState, STATE)
+    settings = state.batch_settings(study)
+    st.markdown(f"**Batch settings** ({'own' if own else 'from the study'}): {describe_settings(settings)}")
+    for note in [] if own else study_notes(study):
+        st.caption(note)
+    return state
+
+
+def own_form(n_layers: int) -> None:
+    """The page's own trace settings (ranges from tracing.settings)."""
+    c = st.columns(5)
     kind = c[0].selectbox("Restore", KINDS, format_func=SHORT_KIND.get, key="cat_kind")
     mode = c[2].selectbox("Noise is", NOISE_MODES, key="cat_mode", format_func=MODES.get)
     _clamp("cat_noise", *NOISE_RANGE[mode])
@@ -110,13 +131,46 @@ def settings_form(n_layers: int) -> CategoriesState:
     c[3].number_input("Samples", *SAMPLES_RANGE, key="cat_samples",
                       help=f"Noise draws averaged per cell (default {DEFAULTS.samples}, as ROME).")
     c[4].number_input("Seed", *SEED_RANGE, key="cat_seed")
-    c[5].selectbox("Target", batch.TARGETS, key="cat_target",
-                   format_func={"expected": "expected token", "top1": "clean top-1"}.get)
     if kind != "hidden":
         high = min(n_layers, WINDOW_RANGE[1])
         _clamp("cat_window", WINDOW_RANGE[0], high)
         st.slider("Window (layers)", WINDOW_RANGE[0], high, key="cat_window")
-    return common.widget_state(CategoriesState, STATE)
+
+
+def describe_settings(settings: dict[str, Any]) -> str:
+    """One line: kind, noise, samples, seed (and window) of batch settings."""
+    sigma = " × σ" if settings.get("noise_mode") == "sigma" else ""
+    window = f" · window {settings['window']}" if settings["kind"] != "hidden" else ""
+    samples = settings["samples"]
+    return (f"{SHORT_KIND[settings['kind']]} · Gaussian noise {settings['noise']:g}{sigma} · {samples} "
+            f"sample{'s' if samples != 1 else ''} · seed {settings['seed']}{window}")
+
+
+def study_notes(study: Study) -> list[str]:
+    """What the batch does instead where the study's settings do not apply to a prompt set."""
+    notes = []
+    if study.kind == "all":
+        notes.append("The study restores all three kinds; a batch restores one: hidden states.")
+    if study.corruption == "replace":
+        notes.append("The study replaces the noised tokens by a second prompt's, which a prompt set does "
+                     f"not have: the batch adds Gaussian noise of {study.noise:g} instead.")
+    elif study.corruption != "gaussian":
+        notes.append(f"The study's noise is {study.corruption}; the batch's is Gaussian.")
+    if study.convention != "input":
+        notes.append("The study numbers layers by block outputs; the batch numbers them by block inputs.")
+    notes.append("The batch noises each prompt's subject's last token (the seed study's rule) and traces "
+                 "the chosen target, not the study's prompt.")
+    return notes
+
+
+def name_parts(settings: dict[str, Any], answer: str) -> tuple[str, ...]:
+    """What identifies a batch in file names: the set and the settings that change its numbers."""
+    sigma = "sigma" if settings.get("noise_mode") == "sigma" else ""
+    parts = [set_stem(), settings["kind"], f"noise{settings['noise']:g}{sigma}", f"samples{settings['samples']}",
+             f"seed{settings['seed']}"]
+    if settings["kind"] != "hidden":
+        parts.append(f"window{settings['window']}")
+    return (*parts, *(["top1"] if answer == "top1" else []))
 
 
 class PromptProgress:
@@ -152,7 +206,7 @@ class PromptProgress:
         self.bar.progress(share, text=self.text(done, total, time.perf_counter() - self.started))
 
 
-def run(lm, frame: pd.DataFrame, state: CategoriesState) -> None:
+def run(lm, frame: pd.DataFrame, settings: dict[str, Any], answer: str) -> None:
     """Run the missing traces with an overall and a per-prompt progress bar."""
     overall_slot, inner_slot = st.empty(), st.empty()
     st.button("Cancel", key="cat_cancel", help="Stops after the current step; finished prompts are kept.")
@@ -162,8 +216,8 @@ def run(lm, frame: pd.DataFrame, state: CategoriesState) -> None:
             overall(done, total, f"{done} / {total} prompts · {result.status}: {result.prompt[:50]}")
             inner.start(done)
 
-        result = batch.run_batch(lm, frame, state.batch_settings(), common.result_store(),
-                                 target=state.target, progress=on_prompt, prompt_progress=inner,
+        result = batch.run_batch(lm, frame, settings, common.result_store(),
+                                 target=answer, progress=on_prompt, prompt_progress=inner,
                                  trace=causal.causal_trace)  # looked up now: tests swap the engine
     inner_slot.empty()
     st.session_state["cat_last_run"] = (
@@ -175,10 +229,11 @@ def run(lm, frame: pd.DataFrame, state: CategoriesState) -> None:
 # -- opening a prompt on the trace page ----------------------------------------------------------
 
 
-def trace_state_for(lm, result: batch.PromptResult) -> TraceState:
-    """The trace page's state that reproduces a batch prompt's trace: its prompt, noised tokens
-    (by subject when the subject's last token is what was noised, else the indices), expected
-    completion and every trace setting of the batch."""
+def study_for(lm, result: batch.PromptResult, study: Study) -> Study:
+    """The study that reproduces a batch prompt's trace on the trace page: its prompt, noised
+    tokens (by subject when the subject's last token is what was noised, else the indices),
+    expected completion ("" when the batch traced the clean top-1) and every trace setting of
+    the batch; the study's model and metric are kept (a metric that needs a contrast: p)."""
     s = result.settings or {}
     noised = [int(i) for i in s.get("noised", [])]
     by_subject = False
@@ -187,47 +242,23 @@ def trace_state_for(lm, result: batch.PromptResult) -> TraceState:
             by_subject = prompts.noised_positions(lm, result.prompt, result.subject) == noised
         except ValueError:
             by_subject = False
-    target = result.expected if s.get("target") is not None else ""  # None: the batch traced top-1
-    return TraceState.from_dict({
-        "prompt": result.prompt, "noise_by": "subject" if by_subject else "tokens",
-        "subject": result.subject if by_subject else "", "subject_tokens": "last",
-        "tokens": [] if by_subject else noised, "target": target, "contrast": "",
-        "corruption": s.get("corruption", "gaussian"), "noise_mode": s.get("noise_mode", "absolute"),
-        "noise": float(s.get("noise", 0.0)), "replacement": s.get("replacement") or "",
-        "samples": int(s.get("samples", 1)), "seed": int(s.get("seed", 0)), "kind": s.get("kind", "hidden"),
-        "window": int(s.get("window", 10)), "metric": "prob", "convention": s.get("convention", "input"),
-    })
-
-
-def share_trace(lm, result: batch.PromptResult, state: TraceState) -> str:
-    """The store key the trace page will look up for ``state``; when nothing is stored there yet,
-    the batch's trace is stored under it too, with the page's settings (the batch keys its target
-    as a token id, the page as the completion text: the same token, so the same numbers)."""
-    store = common.result_store()
-    request = runcard.trace_request(lm, state)
-    key = store.key(lm, request.prompt, request.settings)
-    trace = result.trace
-    same = (trace is not None and list(trace.noised) == list(request.noised)
-            and (not state.target or trace.target_id == answer_token(lm, state.target, "target", state.prompt)))
-    if same and store.get(key) is None:
-        store.put(key, dataclasses.replace(trace, settings=dict(request.settings)))
-    return key
+    metric = "prob" if METRICS[study.metric].needs_contrast else study.metric
+    return study.replace(
+        prompt=result.prompt, noise_by="subject" if by_subject else "tokens",
+        subject=result.subject if by_subject else "", subject_tokens="last",
+        tokens=() if by_subject else tuple(noised), target=result.expected if s.get("target") is not None else "",
+        contrast="", corruption=s.get("corruption", "gaussian"), noise_mode=s.get("noise_mode", "absolute"),
+        noise=float(s.get("noise", 0.0)), replacement="", samples=int(s.get("samples", 1)),
+        seed=int(s.get("seed", 0)), kind=s.get("kind", "hidden"), window=int(s.get("window", 10)),
+        metric=metric, convention=s.get("convention", "input"))
 
 
 def open_trace(lm, result: batch.PromptResult) -> None:
-    """Open one batch prompt on the trace page with the batch's settings (its trace is in the
-    store, so it shows at once)."""
-    state = trace_state_for(lm, result)
-    try:
-        share_trace(lm, result, state)
-    except Exception as exc:  # noqa: BLE001 - the page opens anyway and traces it
-        st.warning(f"Could not share the stored trace: {exc}")
+    """Open one batch prompt on the trace page as the study, with the batch's settings: the
+    page's store key is the batch's (``tracing.store`` keys a completion as its token), so
+    the trace shows at once."""
     st.session_state[LINKS] = st.session_state.get(LINKS, 0) + 1  # fresh, empty selections on return
-    st.session_state[TRACE_STATE] = state
-    for key in [k for k in st.session_state if str(k).startswith(TRACE_WIDGET) and k != TRACE_STATE]:
-        if key.removeprefix(TRACE_WIDGET) in runcard.DEFAULTS or key == "trace_noise_sigma":
-            del st.session_state[key]  # the trace page refills its widgets from TRACE_STATE
-    st.switch_page(TRACE_PAGE, query_params=state.to_query())
+    common.open_study(study_for(lm, result, common.study()))
 
 
 def picked_row(event: Any, kind: str) -> int | None:
@@ -245,9 +276,10 @@ def picked_row(event: Any, kind: str) -> int | None:
 # -- results -------------------------------------------------------------------------------------
 
 
-def show_results(lm, results: list[batch.PromptResult], n_layers: int) -> None:
+def show_results(lm, results: list[batch.PromptResult], n_layers: int, parts: tuple[str, ...]) -> None:
     """Summary, the category comparison, heatmaps, line charts, scatter plots and the per-prompt
-    table, with downloads. Clicking a scatter point or a table row opens that prompt's trace."""
+    table, with downloads named after what they hold (``parts``: the batch's ``name_parts``).
+    Clicking a scatter point or a table row opens that prompt's trace."""
     c = st.columns(4)
     correct_only = c[0].toggle("Only prompts the model gets right", key="cat_correct")
     combine = c[1].toggle("Combine regurgitation categories", key="cat_combine")
@@ -262,25 +294,30 @@ def show_results(lm, results: list[batch.PromptResult], n_layers: int) -> None:
     averages = batch.category_averages(results, **options)
     table = batch.prompt_table(results)
     table.insert(0, "averaged", (table["effect"] >= min_effect) & (table["correct"].astype(bool) | (not correct_only)))
-    show_summary(results, table, options)
+    filters = (*parts, *(["correct_only"] if correct_only else []), *(["combined"] if combine else []),
+               f"min_effect{min_effect:g}")
+    show_summary(results, table, options, filters)
     if averages.empty:
         st.warning("No prompt passes the filters: relax them or trace more prompts.")
     else:
         heat = category_charts.heatmap_chart(averages, width=max(160, min(300, 9 * n_layers)))
         st.altair_chart(heat)
-        common.chart_downloads(heat, "category-heatmaps", averages)
+        common.chart_downloads(heat, "category-heatmaps", averages,
+                               name=common.file_name("category_heatmaps", *filters))
         bands = stats.bootstrap_bands(results, **options) if spread == "ci" else None
         lines = category_charts.line_chart(averages, spread=spread, bands=bands)
         st.altair_chart(lines)
-        common.chart_downloads(lines, "category-lines", averages if bands is None else bands)
-    show_scatter(lm, results, table)
+        common.chart_downloads(lines, "category-lines", averages if bands is None else bands,
+                               name=common.file_name("category_lines", *filters, spread))
+    show_scatter(lm, results, table, filters)
     st.subheader("Per prompt")
     st.caption("Select a row to open that prompt on the trace page with these settings.")
     event = st.dataframe(category_charts.labelled(table, category_charts.PROMPT_LABELS), width="stretch",
                          hide_index=True, on_select="rerun", selection_mode="single-row",
                          key=f"cat_prompts_{st.session_state.get(LINKS, 0)}")
     common.download_button("Download the per-prompt table (CSV)", table.to_csv(index=False),
-                           "category-prompts.csv", "text/csv", "cat_download_prompts")
+                           common.file_name("category_prompts", *parts) + ".csv", "text/csv",
+                           "cat_download_prompts")
     follow(lm, results, picked_row(event, "table"))
 
 
@@ -290,9 +327,11 @@ def follow(lm, results: list[batch.PromptResult], row: int | None) -> None:
         open_trace(lm, results[row])
 
 
-def show_summary(results: list[batch.PromptResult], table: pd.DataFrame, options: dict) -> None:
+def show_summary(results: list[batch.PromptResult], table: pd.DataFrame, options: dict,
+                 filters: tuple[str, ...]) -> None:
     """Per category: the summary with the mean transition layer's bootstrap interval, and every
-    pair of categories compared (difference, interval, permutation p-value)."""
+    pair of categories compared (difference, interval, permutation p-value; its download named
+    with ``filters``)."""
     summary = batch.category_summary(results, **options)
     intervals = stats.transition_intervals(table, **options)
     if len(summary):
@@ -319,10 +358,11 @@ def show_summary(results: list[batch.PromptResult], table: pd.DataFrame, options
                                 for key, label in category_charts.COMPARISON_LABELS.items()
                                 if key in ("mean_a", "mean_b", "difference", "ci_low", "ci_high")})
     common.download_button("Download the comparison (CSV)", comparison.to_csv(index=False),
-                           "category-comparison.csv", "text/csv", "cat_download_comparison")
+                           common.file_name("category_comparison", *filters) + ".csv", "text/csv",
+                           "cat_download_comparison")
 
 
-def show_scatter(lm, results: list[batch.PromptResult], table: pd.DataFrame) -> None:
+def show_scatter(lm, results: list[batch.PromptResult], table: pd.DataFrame, filters: tuple[str, ...]) -> None:
     """The transition layer against its confounds; a clicked point opens its trace."""
     st.subheader("Confounds: transition layer per prompt")
     st.caption("Transition layer: the first layer from which restoring the final token beats "
@@ -335,7 +375,8 @@ def show_scatter(lm, results: list[batch.PromptResult], table: pd.DataFrame) -> 
             chart = category_charts.scatter_chart(table[table["averaged"]], x)
             event = st.altair_chart(chart, on_select="rerun", selection_mode=category_charts.PICK,
                                     key=f"cat_scatter_{x}_{st.session_state.get(LINKS, 0)}")
-            common.chart_downloads(chart, f"transition-vs-{x}", table)
+            common.chart_downloads(chart, f"transition-vs-{x}", table,
+                                   name=common.file_name("transition_vs", x, *filters))
         follow(lm, results, picked_row(event, "chart"))
 
 
@@ -351,10 +392,11 @@ def page() -> None:
     frame = edit_set(lm)
     if frame is None:
         return
-    state = settings_form(lm.n_layers)
-    settings, target = state.batch_settings(), state.target
+    study = common.study()
+    state = settings_form(lm.n_layers, study)
+    settings, answer = state.batch_settings(study), state.answer
     try:
-        plan = batch.plan_batch(lm, frame, settings, common.result_store(), target)
+        plan = batch.plan_batch(lm, frame, settings, common.result_store(), answer)
     except ValueError as exc:
         common.show_error(exc, "Bad settings")
         return
@@ -365,18 +407,18 @@ def page() -> None:
     if st.button(f"Trace {pending} missing prompt(s)", type="primary", disabled=pending == 0, key="cat_run"):
         try:
             common.publish_state(state, STATE)
-            run(lm, frame, state)
+            run(lm, frame, settings, answer)
             st.rerun()
         except Exception as exc:  # noqa: BLE001 - results so far are stored; show what went wrong
             common.show_error(exc, "The batch stopped")
-            plan = batch.plan_batch(lm, frame, settings, common.result_store(), target)
+            plan = batch.plan_batch(lm, frame, settings, common.result_store(), answer)
     if "cat_last_run" in st.session_state:
         st.caption(st.session_state["cat_last_run"])
     for r in skipped:
-        st.warning(f"Skipped {r.prompt!r}: {r.message}")
+        st.warning(f"Skipped “{ellipsis(r.prompt, PROMPT_CHARS)}”: {ellipsis(r.message, 300)}")
     traced = [r for r in plan if r.trace is not None]
     if traced:
-        show_results(lm, traced, lm.n_layers)
+        show_results(lm, traced, lm.n_layers, name_parts(settings, answer))
     else:
         st.info("No traces yet for these settings: press the button above to trace the set.")
 

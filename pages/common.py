@@ -17,7 +17,7 @@ import tracing
 from tracing import prompts
 from tracing.store import ResultStore, default_root
 
-from pages.state import UPLOAD, PageState
+from pages.state import STUDY_KEYS, UPLOAD, PageState, Study
 
 MODEL_KEY = "model_name"
 OTHER = "Other (hub id, folder or .gguf)…"
@@ -172,20 +172,50 @@ def land(url_path: str) -> None:
     st.session_state.setdefault(LANDING, url_path)
 
 
+PENDING = "pending_link"  # (url path, query) of a link another page followed (follow_link)
+
+
 def link_query(url_path: str) -> dict[str, Any]:
     """The URL's query parameters when they are this page's: the session opened this page
-    first (a shared link). A page reached through the navigation starts from its defaults, so
-    another page's settings never leak into it."""
+    first (a shared link), or another page followed a link to it (``follow_link``). A page
+    reached through the navigation starts from its last state, so another page's settings never
+    leak into it."""
+    pending = st.session_state.get(PENDING)
+    if pending is not None and pending[0] == url_path:
+        return dict(pending[1])
     if st.session_state.get(LANDING, url_path) != url_path:
         return {}
     return st.query_params.to_dict()
 
 
+def follow_link(page: str, url_path: str, query: dict[str, Any]) -> None:
+    """Open ``page`` (its file; ``url_path`` its path) with its settings from ``query``, as a
+    shared link would, keeping this session (a linked view: "show this on its own page")."""
+    st.session_state[PENDING] = (url_path, {k: str(v) for k, v in query.items()})
+    st.switch_page(page, query_params={**study().to_query(), **query})
+
+
+def linked_now(url_path: str) -> bool:
+    """Whether this run of the page follows a link from another page (``follow_link``); the
+    page's ``restore_state`` consumes it."""
+    pending = st.session_state.get(PENDING)
+    return pending is not None and pending[0] == url_path
+
+
+def consume_link(url_path: str) -> None:
+    """The page has read the link another page followed to it."""
+    if linked_now(url_path):
+        st.session_state.pop(PENDING)
+
+
 def restore_state(cls: type[PageState], key: str, url_path: str) -> tuple[PageState, list[str]]:
-    """The page's state: from a shared link on the session's first visit (the widgets it names
-    are set; widgets set by code before are kept), else the last published state. Widgets that a
-    page switch dropped are refilled from it. Returns the state and the link's problems."""
+    """The page's state: from a shared link on the session's first visit, or from a link another
+    page followed (the widgets it names are set; widgets set by code before are kept), else the
+    last published state. Widgets that a page switch dropped are refilled from it. Returns the
+    state and the link's problems."""
     problems: list[str] = []
+    if linked_now(url_path):
+        st.session_state.pop(key, None)
     if key not in st.session_state:
         query = link_query(url_path)
         state, problems = cls.parse(query)
@@ -193,11 +223,21 @@ def restore_state(cls: type[PageState], key: str, url_path: str) -> tuple[PageSt
         for name, widget in cls.WIDGETS.items():
             if name in query and name in cls.PARSERS:
                 st.session_state[widget] = _widget_value(getattr(state, name))
+    consume_link(url_path)
     state = st.session_state[key]
     for widget, value in state.widget_values().items():
         if widget not in st.session_state:
             st.session_state[widget] = _widget_value(value)
+    keep_widgets(cls.WIDGETS.values())
     return state, problems
+
+
+def keep_widgets(keys: Any) -> None:
+    """Keep these widgets' values through runs that do not draw them (a closed tab, a hidden
+    form): without this, Streamlit falls back to the value code set before the user's change."""
+    for key in keys:
+        if key in st.session_state:
+            st.session_state[key] = st.session_state[key]
 
 
 def _widget_value(value: Any) -> Any:
@@ -205,9 +245,10 @@ def _widget_value(value: Any) -> Any:
 
 
 def publish_state(state: PageState | Any, key: str) -> None:
-    """Keep the state for the session and put it in the URL (a shared link reproduces the page)."""
+    """Keep the state for the session and put it in the URL with the study (a shared link
+    reproduces the page and the study)."""
     st.session_state[key] = state
-    query = state.to_query()
+    query = {**study().to_query(), **state.to_query()}
     if st.query_params.to_dict() != query:
         st.query_params.from_dict(query)
 
@@ -221,6 +262,92 @@ def widget_state(cls: type[PageState], key: str, **changes: Any) -> PageState:
 def show_problems(problems: list[str]) -> None:
     for problem in problems:
         st.warning(f"Link setting {problem}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The study every page shares
+
+
+STUDY = "study"  # the session's Study (pages.state)
+TRACE_PAGE = "pages/trace.py"
+
+
+def study() -> Study:
+    """The session's current study (the model: the one the sidebar has loaded)."""
+    current = st.session_state.get(STUDY) or Study()
+    model = st.session_state.get(MODEL_KEY, current.model)
+    return current if current.model == model else current.replace(model=model)
+
+
+def set_study(new: Study) -> None:
+    """Make ``new`` the session's study (every page reads it; the trace page shows it)."""
+    st.session_state[STUDY] = new
+
+
+def restore_study(url_path: str) -> list[str]:
+    """On the session's first run: the study from the link that opened it (any page's URL
+    carries it), its model loaded when it names another one. Returns the link's problems."""
+    if STUDY in st.session_state:
+        return []
+    linked, problems = Study.parse(link_query(url_path))
+    if linked.model != tracing.DEFAULT_MODEL and MODEL_KEY not in st.session_state:
+        try:
+            cached_model(linked.model)
+            st.session_state[MODEL_KEY] = linked.model
+        except Exception as exc:  # noqa: BLE001 - shown; the embedded model is used
+            problems.append(f"`model={linked.model[:40]}` could not be loaded ({exc}); using "
+                            f"{tracing.DEFAULT_MODEL!r}.")
+            linked = linked.replace(model=tracing.DEFAULT_MODEL)
+    set_study(linked)
+    return problems
+
+
+def study_only(problems: list[str]) -> list[str]:
+    """A page's link problems without those about the study's parameters (``restore_study``
+    reports those once)."""
+    return [p for p in problems if p.split("=", 1)[0].lstrip("`") not in STUDY_KEYS]
+
+
+def open_study(new: Study, page: str = TRACE_PAGE, url_path: str = PATHS["trace"],
+               query: dict[str, str] | None = None) -> None:
+    """Make ``new`` the study and open ``page`` (default the trace page, which shows it) as a link
+    would: its own settings from ``query``, else their defaults (so the trace page computes every
+    row, nothing severed: what a category batch stored)."""
+    set_study(new)
+    follow_link(page, url_path, query or {})
+
+
+def study_box(what: str = "This page") -> None:
+    """A one-line reminder of the current study with a link to edit it on the trace page."""
+    with st.container(border=True, horizontal=True, vertical_alignment="center", gap="small"):
+        st.markdown(f"**Study** · {study().describe()}  \n:gray[{what} uses it; it is set on the "
+                    "trace page and kept across pages and in every link.]")
+        st.page_link(TRACE_PAGE, label="Edit on the trace page", icon=":material/edit:",
+                     query_params=study().to_query())
+
+
+# ---------------------------------------------------------------------------------------------
+# Cached per-prompt views (shared by the pages that show them)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _attention_to(model: str, revision: str, prompt: str, positions: tuple[int, ...]):
+    return tracing.attention.attention_to(cached_model(model), prompt, positions)
+
+
+def attention_to(lm: tracing.LoadedModel, prompt: str, positions) -> Any:
+    """``tracing.attention.attention_to``, cached: [n_layers, n_heads, len(positions)]."""
+    return _attention_to(lm.name, lm.revision, prompt, tuple(int(p) for p in positions))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _logit_lens(model: str, revision: str, prompt: str, k: int, target: Any):
+    return tracing.hidden.logit_lens(cached_model(model), prompt, k=k, target=target)
+
+
+def logit_lens(lm: tracing.LoadedModel, prompt: str, k: int = 5, target: Any = None) -> Any:
+    """``tracing.hidden.logit_lens``, cached (``target``: None, a completion or a token id)."""
+    return _logit_lens(lm.name, lm.revision, prompt, int(k), target)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,24 +1,28 @@
-"""Hidden states of the final token: trajectories by prompt type and the logit lens."""
+"""Hidden states of the final token: the logit lens (the study's prompt by default) and
+trajectories by prompt type."""
 
 from __future__ import annotations
 
 import time
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
 import tracing
 from pages import common
-from pages.state import HiddenState
+from pages.state import HiddenState, Study
 from tracing import hidden
 from tracing.categories import group_label
 from tracing.charts import hidden as hidden_charts
-from tracing.charts.style import quote_token, show_token
+from tracing.charts.style import ellipsis, quote_token, show_token
 
 STATE = "hidden_state"  # the page state (HiddenState), kept across page switches
 TRAJ_KEY = "hidden_trajectories"  # last good trajectories: dict(model, source, frame, seconds)
 LENS_KEY = "hidden_lens"  # last good logit lens: dict(model, lens)
-CUSTOM = "(type your own prompt)"
+TABS = HiddenState.TABS
+SOURCE_LABELS = {"study": "the study's prompt", "set": "a prompt from the set", "own": "my own"}
+SET_HELP = "Columns category, prompt, expected, subject (see the README)."
 
 
 @st.cache_data(show_spinner="Running every prompt of the set…", max_entries=8)
@@ -35,6 +39,20 @@ def trajectories(model_name: str, records: tuple[tuple[str, str, str], ...]
 @st.cache_data(show_spinner=False, max_entries=64)
 def logit_lens(model_name: str, prompt: str, target: str | None, k: int) -> hidden.LogitLens:
     return hidden.logit_lens(common.cached_model(model_name), prompt, k=k, target=target)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def prompt_trajectory(model_name: str, prompt: str, target: str | None) -> dict[str, np.ndarray]:
+    return hidden.prompt_trajectory(common.cached_model(model_name), prompt, target)
+
+
+def pick_set() -> tuple[pd.DataFrame, str] | None:
+    """The prompt set (one picker for both tabs: only the open one draws it)."""
+    return common.prompt_set_picker("hidden_set", upload_key="hidden_upload", help=SET_HELP)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trajectories by prompt type
 
 
 def compute_trajectories(model_name: str, picked: tuple[pd.DataFrame, str] | None) -> dict | None:
@@ -72,16 +90,27 @@ def trajectory_controls(n_layers: int) -> dict:
     return dict(combine=combine, spread=spread, per_prompt=per_prompt, crop=crop, measures=measures)
 
 
-@st.fragment
-def trajectory_section(model_name: str, picked: tuple[pd.DataFrame, str] | None) -> None:
-    st.subheader("Trajectories by prompt type")
+def current_line(model_name: str, study: Study, n_layers: int) -> pd.DataFrame | None:
+    """The study prompt's own trajectory (target: its expected completion, else the top-1 token),
+    or None with a note when it cannot be measured."""
+    try:
+        measures = prompt_trajectory(model_name, study.prompt, study.target or None)
+    except ValueError as exc:
+        st.info(f"The study's prompt is not drawn: {exc} (change it on the trace page).")
+        return None
+    st.caption(f"Dashed dark line: the **current prompt** (the study's) “{ellipsis(study.prompt, 70)}”, "
+               f"p({quote_token(study.target) if study.target else 'its top-1 token'}).")
+    return hidden_charts.current_frame(measures, n_layers)
+
+
+def trajectory_section(model_name: str, study: Study) -> None:
     st.caption(
         "The final token's hidden state on the clean prompt, from the embeddings (layer 0) to "
         "the last block's output (layer L, before the final norm). Lines: mean over the prompts "
         "of each type; band: spread. Cosine and step at layer l compare the states before and "
         "after block l; step cosine at layer l compares block l's step with block l−1's."
     )
-    result = compute_trajectories(model_name, picked)
+    result = compute_trajectories(model_name, pick_set())
     if result is None:
         return
     frame = result["frame"]
@@ -96,80 +125,84 @@ def trajectory_section(model_name: str, picked: tuple[pd.DataFrame, str] | None)
         return
     summary = hidden.summarise(frame, opts["combine"])
     lines = hidden.group_categories(frame, opts["combine"]) if opts["per_prompt"] else None
+    current = current_line(model_name, study, n_layers) if result["model"] == model_name else None
     chart = hidden_charts.trajectory_figure(summary, opts["measures"], tuple(opts["crop"]),
-                                            opts["spread"], lines)
+                                            opts["spread"], lines, current=current)
     st.altair_chart(chart, width="content")
     if wants_downloads("hidden_traj_downloads"):
-        common.chart_downloads(chart, "hidden_trajectories", summary)
+        grouping = "combined" if opts["combine"] else "by_category"
+        common.chart_downloads(chart, "hidden_trajectories", summary,
+                               name=common.file_name("hidden_trajectories", result["source"], grouping,
+                                                     opts["spread"]))
     with st.expander("Per-prompt values"):
         st.dataframe(frame, hide_index=True, width="stretch")
         common.download_button("CSV (every prompt)", frame.to_csv(index=False),
-                               "hidden_trajectories_per_prompt.csv", "text/csv", "hidden_pp_csv")
+                               f"{common.file_name('hidden_trajectories_per_prompt', result['source'])}.csv",
+                               "text/csv", "hidden_pp_csv")
 
 
-def _fill_from_set(frame: pd.DataFrame) -> None:
-    """Callback: put the picked set prompt and its expected completion into the text fields."""
-    choice = st.session_state["hidden_lens_pick"]
-    if choice != CUSTOM:
-        row = frame.iloc[int(choice)]
-        st.session_state["hidden_lens_prompt"] = row["prompt"]
-        st.session_state["hidden_lens_target"] = row["expected"]
+# ---------------------------------------------------------------------------------------------
+# Logit lens
 
 
-def _mark_custom(frame: pd.DataFrame | None) -> None:
-    """Callback: an edited prompt or target no longer is the picked set prompt."""
-    choice = st.session_state.get("hidden_lens_pick", CUSTOM)
-    if frame is None or choice == CUSTOM:
-        return
-    row = frame.iloc[int(choice)]
-    if (st.session_state.get("hidden_lens_prompt"), st.session_state.get("hidden_lens_target")) != (
-        row["prompt"], row["expected"]
-    ):
-        st.session_state["hidden_lens_pick"] = CUSTOM
+def set_row(frame: pd.DataFrame) -> tuple[str, str]:
+    """A row of the prompt set (widget ``hidden_lens_pick``): its prompt and expected completion."""
+    pick = st.session_state.get("hidden_lens_pick", 0)
+    if not isinstance(pick, int) or not 0 <= pick < len(frame):
+        st.warning(f"Row {pick} is not in this prompt set (rows 0 to {len(frame) - 1}): showing row 0.")
+        st.session_state["hidden_lens_pick"] = 0
+
+    def label(i: int) -> str:
+        row = frame.iloc[i]
+        return f"{group_label(row['category'])}: {row['prompt']} → {quote_token(_text(row['expected']))}"
+
+    row = frame.iloc[st.selectbox("Prompt from the set", range(len(frame)), format_func=label,
+                                  key="hidden_lens_pick")]
+    return str(row["prompt"]), _text(row["expected"])
 
 
-def lens_inputs(frame: pd.DataFrame | None) -> tuple[str, str, int]:
-    options = [CUSTOM] + ([str(i) for i in range(len(frame))] if frame is not None else [])
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
 
-    def label(option: str) -> str:
-        if option == CUSTOM:
-            return option
-        row = frame.iloc[int(option)]
-        return f"{group_label(row['category'])}: {row['prompt']} → {quote_token(row['expected'])}"
 
-    if st.session_state.get("hidden_lens_pick", CUSTOM) not in options:
-        st.session_state["hidden_lens_pick"] = CUSTOM
-    if frame is not None and "hidden_lens_prompt" not in st.session_state:
-        st.session_state["hidden_lens_pick"] = options[1] if len(options) > 1 else CUSTOM
-        _fill_from_set(frame)
-    st.selectbox("Prompt from the set", options, format_func=label, key="hidden_lens_pick",
-                 on_change=_fill_from_set, args=(frame,))
-    c1, c2, c3 = st.columns([3, 1.2, 1])
-    st.session_state.setdefault("hidden_lens_prompt", "The Eiffel Tower is in the city of")
-    prompt = c1.text_input("Prompt", key="hidden_lens_prompt", on_change=_mark_custom,
-                           args=(frame,))
-    target = c2.text_input("Target completion", key="hidden_lens_target", on_change=_mark_custom,
-                           args=(frame,),
+def lens_inputs(study: Study) -> tuple[str, str] | None:
+    """The lens's prompt and target ("" = the top prediction) from the chosen source; None when
+    there is none yet (no prompt set)."""
+    source = st.radio("Prompt", list(HiddenState.LENS_SOURCES), horizontal=True, key="hidden_lens_source",
+                      format_func=SOURCE_LABELS.get)
+    if source == "study":
+        common.study_box("The logit lens")
+        st.caption("Target: the study's expected completion (empty: the model's top prediction). To look at "
+                   "another prompt, change the study on the trace page or choose another prompt above.")
+        return study.prompt, study.target
+    if source == "set":
+        picked = pick_set()
+        return set_row(picked[0]) if picked is not None else None
+    c1, c2 = st.columns([3, 1.2])
+    prompt = c1.text_input("Prompt", key="hidden_lens_prompt")
+    target = c2.text_input("Target completion", key="hidden_lens_target",
                            help="Its first token is tracked (include the leading space, "
                                 "e.g. ' Paris'). Empty: the model's top prediction.")
-    k = c3.slider("Top tokens", 1, 10, key="hidden_lens_k")
-    return prompt, target, k
+    return prompt, target
 
 
-@st.fragment
-def lens_section(model_name: str, frame: pd.DataFrame | None) -> None:
-    st.subheader("Logit lens")
+def lens_section(model_name: str, study: Study) -> None:
     st.caption("The final token's state entering each layer, put through the model's final norm "
                "and unembedding: what the model would predict if it stopped there.")
-    prompt, target, k = lens_inputs(frame)
+    inputs = lens_inputs(study)
+    k = st.slider("Top tokens", 1, 10, key="hidden_lens_k")
+    if inputs is None:
+        return
+    prompt, target = inputs
+    what = "Could not run the logit lens" + (" on the study's prompt (change it on the trace page)"
+                                             if st.session_state.get("hidden_lens_source") == "study" else "")
     shown, _ = common.keep_last_good(
-        LENS_KEY, lambda: dict(model=model_name, lens=logit_lens(model_name, prompt, target or None, k)),
-        "Could not run the logit lens")
+        LENS_KEY, lambda: dict(model=model_name, lens=logit_lens(model_name, prompt, target or None, k)), what)
     if shown is None:
         return
     lens = shown["lens"]
     if shown["model"] != model_name or lens.prompt != prompt:
-        st.warning(f"Showing the last valid result ({shown['model']}, prompt `{lens.prompt}`).")
+        st.warning(f"Showing the last valid result ({shown['model']}, prompt `{ellipsis(lens.prompt, 80)}`).")
     show_lens(lens)
 
 
@@ -181,19 +214,22 @@ def wants_downloads(key: str) -> bool:
 def show_lens(lens: hidden.LogitLens) -> None:
     st.caption("Tokens: " + " · ".join(f"`{show_token(t)}`" for t in lens.tokens))
     downloads = wants_downloads("hidden_lens_downloads")
+    k = int(lens.top_ids.shape[1])
     left, right = st.columns([3, 2])
     with left:
         heat = hidden_charts.lens_heatmap(lens)
         st.altair_chart(heat, width="content")
         if downloads:
-            common.chart_downloads(heat, "logit_lens", lens_frame_csv(lens))
+            common.chart_downloads(heat, "logit_lens", lens_frame_csv(lens),
+                                   name=common.file_name("logit_lens", lens.prompt, lens.target, f"top{k}"))
     with right:
         scale = st.radio("Show", list(hidden_charts.CURVE_SCALES), horizontal=True,
                          format_func=hidden_charts.CURVE_SCALES.get, key="hidden_lens_scale")
         curve = hidden_charts.target_curve(lens, scale)
         st.altair_chart(curve, width="content")
         if downloads:
-            common.chart_downloads(curve, "logit_lens_target", lens.target_frame())
+            common.chart_downloads(curve, "logit_lens_target", lens.target_frame(),
+                                   name=common.file_name("logit_lens_target", lens.prompt, lens.target, scale))
         final = lens.target_probs[-1]
         st.caption(f"Target {quote_token(lens.target)} (id {lens.target_id}): "
                    f"p = {final:.3g} at the output, rank {int(lens.target_ranks[-1])}.")
@@ -206,6 +242,13 @@ def lens_frame_csv(lens: hidden.LogitLens) -> pd.DataFrame:
     table["target"] = lens.target
     table["target_prob"] = lens.target_probs[table["layer"]]
     return table
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+SECTIONS = {"Logit lens": lens_section, "Trajectories by prompt type": trajectory_section}
+assert set(SECTIONS) == set(TABS), "every hidden-states tab needs a section"
 
 
 def current_state() -> HiddenState:
@@ -221,15 +264,15 @@ def render() -> None:
     st.title("Hidden states of the final token")
     _, problems = common.restore_state(HiddenState, STATE, common.PATHS["hidden_states"])
     common.show_problems(problems)
+    common.keep_widgets(k for k in st.session_state if str(k).startswith("hidden_crop_"))  # the state's: restore_state
     common.current_model()
     model_name = st.session_state.get(common.MODEL_KEY, tracing.DEFAULT_MODEL)
-    picked = common.prompt_set_picker("hidden_set", upload_key="hidden_upload",
-                                      help="Columns category, prompt, expected, subject (see the README).")
-    traj, lens = st.tabs(["Trajectories by prompt type", "Logit lens"])
-    with traj:
-        trajectory_section(model_name, picked)
-    with lens:
-        lens_section(model_name, picked[0] if picked is not None else None)
+    study = common.study()
+    tabs = st.tabs(list(TABS), on_change="rerun", key="hidden_tab")  # lazy: only the open tab runs
+    for name, tab in zip(TABS, tabs):
+        with tab:
+            if tab.open or (tab.open is None and name == TABS[0]):
+                SECTIONS[name](model_name, study)
     common.publish_state(current_state(), STATE)
 
 

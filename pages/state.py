@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
 
 from tracing import hidden, prompts, runcard
+from tracing.model.loading import DEFAULT_MODEL, MAX_NAME_CHARS
 from tracing.query import Parser, choice, flag, integer, number, pair, subset, text as _text
 from tracing.attention import TARGETS as ATTENTION_TARGETS
 from tracing.batch import MIN_EFFECT, TARGETS as BATCH_TARGETS
@@ -103,31 +104,34 @@ BATCH_NOISE = number(0.0, max(high for _, high in NOISE_RANGE.values()))
 
 @dataclass(frozen=True)
 class CategoriesState(PageState):
-    """Category averages: the prompt set, the batch's trace settings and the averaging options."""
+    """Category averages: the prompt set, the batch's own trace settings (used only with
+    ``own_settings``; by default the batch takes the study's) and the averaging options."""
 
     prompt_set: str = "default"
-    kind: str = DEFAULTS.kind
-    noise: float = DEFAULTS.noise
-    noise_mode: str = DEFAULTS.noise_mode
-    samples: int = DEFAULTS.samples
-    seed: int = DEFAULTS.seed
-    target: str = "expected"
-    window: int = DEFAULTS.window
+    own_settings: bool = False  # False: kind, noise, samples, seed, window come from the study
+    batch_kind: str = DEFAULTS.kind
+    batch_noise: float = DEFAULTS.noise
+    batch_noise_mode: str = DEFAULTS.noise_mode
+    batch_samples: int = DEFAULTS.samples
+    batch_seed: int = DEFAULTS.seed
+    batch_window: int = DEFAULTS.window
+    answer: str = "expected"  # trace the expected completion or the clean top-1 token
     correct_only: bool = True
     combine: bool = False
     spread: str = "sem"
     min_effect: float = MIN_EFFECT
 
     PARSERS: ClassVar[dict[str, Parser]] = {
-        "prompt_set": SET_CHOICE, "kind": choice(KINDS), "noise": BATCH_NOISE,
-        "noise_mode": choice(NOISE_MODES), "samples": integer(*SAMPLES_RANGE),
-        "seed": integer(*SEED_RANGE), "target": choice(BATCH_TARGETS),
-        "window": integer(*WINDOW_RANGE), "correct_only": flag, "combine": flag,
+        "prompt_set": SET_CHOICE, "own_settings": flag, "batch_kind": choice(KINDS), "batch_noise": BATCH_NOISE,
+        "batch_noise_mode": choice(NOISE_MODES), "batch_samples": integer(*SAMPLES_RANGE),
+        "batch_seed": integer(*SEED_RANGE), "answer": choice(BATCH_TARGETS),
+        "batch_window": integer(*WINDOW_RANGE), "correct_only": flag, "combine": flag,
         "spread": choice(tuple(AVERAGE_SPREADS)), "min_effect": number(0.0, 1.0),
     }
     WIDGETS: ClassVar[dict[str, str]] = {
-        "prompt_set": "cat_choice", "kind": "cat_kind", "noise": "cat_noise", "noise_mode": "cat_mode",
-        "samples": "cat_samples", "seed": "cat_seed", "target": "cat_target", "window": "cat_window",
+        "prompt_set": "cat_choice", "own_settings": "cat_own", "batch_kind": "cat_kind",
+        "batch_noise": "cat_noise", "batch_noise_mode": "cat_mode", "batch_samples": "cat_samples",
+        "batch_seed": "cat_seed", "answer": "cat_target", "batch_window": "cat_window",
         "correct_only": "cat_correct", "combine": "cat_combine", "spread": "cat_spread",
         "min_effect": "cat_min_effect",
     }
@@ -135,36 +139,98 @@ class CategoriesState(PageState):
     @classmethod
     def parse(cls, query: Mapping[str, Any]) -> tuple["CategoriesState", list[str]]:
         state, problems = super().parse(query)
-        high = NOISE_RANGE[state.noise_mode][1]
-        if state.noise > high:
-            problems.append(f"`noise={state.noise:g}` ignored (not a number from 0 to {high:g} with "
-                            f"noise_mode={state.noise_mode}); using {DEFAULTS.noise:g}.")
-            state = state.replace(noise=DEFAULTS.noise)
+        high = NOISE_RANGE[state.batch_noise_mode][1]
+        if state.batch_noise > high:
+            problems.append(f"`batch_noise={state.batch_noise:g}` ignored (not a number from 0 to {high:g} "
+                            f"with batch_noise_mode={state.batch_noise_mode}); using {DEFAULTS.noise:g}.")
+            state = state.replace(batch_noise=DEFAULTS.noise)
         return state, problems
 
-    def batch_settings(self) -> dict[str, Any]:
-        """The trace settings of the whole batch (``tracing.batch`` settings)."""
-        settings = {"kind": self.kind, "noise": float(self.noise), "noise_mode": self.noise_mode,
-                    "samples": int(self.samples), "seed": int(self.seed)}
-        if self.kind != "hidden":
-            settings["window"] = int(self.window)
+    def to_query(self) -> dict[str, str]:
+        """The page's settings; the batch's own trace settings only when they are used."""
+        query = super().to_query()
+        if not self.own_settings:
+            for name in ("batch_kind", "batch_noise", "batch_noise_mode", "batch_samples", "batch_seed",
+                         "batch_window"):
+                query.pop(name)
+        return query
+
+    def batch_settings(self, study: "Study | None" = None) -> dict[str, Any]:
+        """The trace settings of the whole batch (``tracing.batch`` settings): the study's unless
+        ``own_settings`` (or no study is given)."""
+        if study is not None and not self.own_settings:
+            return study.batch_settings()
+        settings = {"kind": self.batch_kind, "noise": float(self.batch_noise), "noise_mode": self.batch_noise_mode,
+                    "samples": int(self.batch_samples), "seed": int(self.batch_seed)}
+        if self.batch_kind != "hidden":
+            settings["window"] = int(self.batch_window)
         return settings
 
 
-ATTENTION_TABS = ("By prompt type", "Per-head grids", "Single prompt", "Long texts")
+ROME_LIMIT = 2000  # "First N prompts" of the ROME page: at most this many (0: every prompt)
+
+
+def _rome_kinds(value: Any) -> tuple[str, ...]:
+    kinds = subset(KINDS)(value)
+    if not kinds:
+        raise ValueError(f"no kind: give one or more of {', '.join(KINDS)}")
+    return kinds
+
+
+@dataclass(frozen=True)
+class RomeState(PageState):
+    """ROME averages: the fact set, the kinds restored, the noise (ROME's rule or a given std),
+    samples, seed, window, the first N prompts and whether only facts the model gets right count.
+    The trace settings are the page's own, not the study's: their URL names start with ``rome_``."""
+
+    prompt_set: str = "facts"
+    rome_kinds: tuple[str, ...] = ("hidden",)
+    noise_rule: bool = True  # ROME's rule: 3 x the std of the subject tokens' embeddings
+    rome_noise: float = 0.1  # used only without the rule
+    rome_samples: int = INTERACTIVE.samples
+    rome_seed: int = 0
+    limit: int = 0
+    rome_window: int = 10  # used only for the MLP / attention kinds
+    correct_only: bool = True
+
+    PARSERS: ClassVar[dict[str, Parser]] = {
+        "prompt_set": SET_CHOICE, "rome_kinds": _rome_kinds, "noise_rule": flag,
+        "rome_noise": number(*NOISE_RANGE["absolute"]), "rome_samples": integer(*SAMPLES_RANGE),
+        "rome_seed": integer(*SEED_RANGE), "limit": integer(0, ROME_LIMIT),
+        "rome_window": integer(*WINDOW_RANGE), "correct_only": flag,
+    }
+    WIDGETS: ClassVar[dict[str, str]] = {
+        "prompt_set": "rome_set", "rome_kinds": "rome_kinds", "noise_rule": "rome_rule",
+        "rome_noise": "rome_noise", "rome_samples": "rome_samples", "rome_seed": "rome_seed",
+        "limit": "rome_limit", "rome_window": "rome_window", "correct_only": "rome_correct",
+    }
+
+    def to_query(self) -> dict[str, str]:
+        """Every setting; the noise only without ROME's rule, the window only for MLP / attention."""
+        query = super().to_query()
+        if self.noise_rule:
+            query.pop("rome_noise")
+        if all(kind == "hidden" for kind in self.rome_kinds):
+            query.pop("rome_window")
+        return query
+
+
+ATTENTION_TABS = ("Single prompt", "By prompt type", "Per-head grids", "Long texts")
+PROMPT_SOURCES = ("study", "own")  # the study's prompt (the trace page's), or one typed on the page
 
 
 @dataclass(frozen=True)
 class AttentionState(PageState):
-    """Attention: the open tab, the prompt set and its filters, the single prompt's layer and head,
-    the long-text N x M and seed."""
+    """Attention: the open tab, the prompt set and its filters, the single prompt (the study's or
+    its own) with its layer and head, the long-text N x M and seed."""
 
     tab: str = ATTENTION_TABS[0]
     prompt_set: str = "default"
     skip_flagged: bool = True
     only_right: bool = False
-    target: str = "noised"
-    prompt: str = runcard.EXAMPLE_PROMPT
+    to_token: str = "noised"  # by prompt type: attention to the first, noised or final token
+    source: str = "study"  # single prompt: the study's prompt or own_prompt
+    own_prompt: str = runcard.EXAMPLE_PROMPT
     layer: int | None = None  # None: the middle layer of the model
     head: str = "mean"  # "mean" or a head index
     long_n: int = 40
@@ -186,14 +252,16 @@ class AttentionState(PageState):
         "fx_samples": integer(*SAMPLES_RANGE), "fx_seed": integer(*SEED_RANGE),
         "fx_metric": choice(("normalised", "prob", "logprob", "kl")), "fx_prompt": integer(0, 10_000),
         "tab": choice(ATTENTION_TABS), "prompt_set": SET_CHOICE, "skip_flagged": flag,
-        "only_right": flag, "target": choice(ATTENTION_TARGETS), "prompt": _text,
+        "only_right": flag, "to_token": choice(ATTENTION_TARGETS), "source": choice(PROMPT_SOURCES),
+        "own_prompt": _text,
         "layer": integer(0, 10_000), "head": lambda v: "mean" if _text(v).strip() == "mean"
         else str(integer(0, 10_000)(v)),
         "long_n": integer(1, 500), "long_m": integer(2, 1_000_000), "long_seed": integer(*SEED_RANGE),
     }
     WIDGETS: ClassVar[dict[str, str]] = {
         "tab": "attn_tab", "prompt_set": "attn_set", "skip_flagged": "attn_skip_flagged",
-        "only_right": "attn_only_right", "target": "attn_type_target", "prompt": "attn_single_prompt",
+        "only_right": "attn_only_right", "to_token": "attn_type_target", "source": "attn_source",
+        "own_prompt": "attn_single_prompt",
         "long_n": "attn_long_n", "long_seed": "attn_long_seed", "long_disjoint": "attn_long_disjoint",
         "head_view": "attn_head_view", "fx_scope": "attn_fx_scope", "fx_token": "attn_fx_token",
         "fx_noise": "attn_fx_noise", "fx_samples": "attn_fx_samples", "fx_seed": "attn_fx_seed",
@@ -201,16 +269,28 @@ class AttentionState(PageState):
     }  # layer, head and M have model-dependent ranges: the page sets them
 
     def to_query(self) -> dict[str, str]:
+        """Every setting; the own prompt only when it is shown."""
         query = super().to_query()
         if self.layer is None:
             query.pop("layer")
+        if self.source != "own":
+            query.pop("own_prompt")
         return query
 
 
 @dataclass(frozen=True)
 class HiddenState(PageState):
-    """Hidden states: the prompt set, the trajectory options and the logit lens's inputs."""
+    """Hidden states: the open tab, the logit lens's prompt (the study's, a row of the prompt set, or
+    its own prompt and target), the prompt set and the trajectory options."""
 
+    TABS: ClassVar[tuple[str, ...]] = ("Logit lens", "Trajectories by prompt type")
+    LENS_SOURCES: ClassVar[tuple[str, ...]] = ("study", "set", "own")
+
+    tab: str = TABS[0]
+    lens_source: str = LENS_SOURCES[0]
+    lens_prompt: str = runcard.EXAMPLE_PROMPT  # lens_source "own": its prompt and target ("" = top-1)
+    lens_target: str = ""
+    lens_pick: int = 0  # lens_source "set": the row of the prompt set
     prompt_set: str = "default"
     combine: bool = True
     spread: str = next(iter(SPREADS))
@@ -223,18 +303,26 @@ class HiddenState(PageState):
     PARSERS: ClassVar[dict[str, Parser]] = {
         "prompt_set": SET_CHOICE, "combine": flag, "spread": choice(tuple(SPREADS)), "per_prompt": flag,
         "crop": pair(0, 10_000), "measures": subset(tuple(hidden.MEASURES)), "top_k": integer(1, 10),
-        "lens_scale": choice(tuple(CURVE_SCALES)),
+        "lens_scale": choice(tuple(CURVE_SCALES)), "tab": choice(TABS), "lens_source": choice(LENS_SOURCES),
+        "lens_prompt": _text, "lens_target": _text, "lens_pick": integer(0, 100_000),
     }
     WIDGETS: ClassVar[dict[str, str]] = {
         "prompt_set": "hidden_set", "combine": "hidden_combine", "spread": "hidden_spread",
         "per_prompt": "hidden_per_prompt", "measures": "hidden_measures", "top_k": "hidden_lens_k",
-        "lens_scale": "hidden_lens_scale",
+        "lens_scale": "hidden_lens_scale", "tab": "hidden_tab", "lens_source": "hidden_lens_source",
+        "lens_prompt": "hidden_lens_prompt", "lens_target": "hidden_lens_target", "lens_pick": "hidden_lens_pick",
     }  # crop has a model-dependent range: the page sets it
 
     def to_query(self) -> dict[str, str]:
+        """Every setting; the lens's own prompt and target, or its set row, only when they are used."""
         query = super().to_query()
         if self.crop is None:
             query.pop("crop")
+        if self.lens_source != "own":
+            query.pop("lens_prompt")
+            query.pop("lens_target")
+        if self.lens_source != "set":
+            query.pop("lens_pick")
         return query
 
 
@@ -273,6 +361,12 @@ class TraceState(Mapping):
     tab: str = runcard.DEFAULTS["tab"]
     sever: str = runcard.DEFAULTS["sever"]
     sever_token: int = runcard.DEFAULTS["sever_token"]
+    compare: str = runcard.DEFAULTS["compare"]
+    b_prompt: str = runcard.DEFAULTS["b_prompt"]
+    b_subject: str = runcard.DEFAULTS["b_subject"]
+    b_target: str = runcard.DEFAULTS["b_target"]
+    b_noise: float = runcard.DEFAULTS["b_noise"]
+    b_seed: int = runcard.DEFAULTS["b_seed"]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tokens", tuple(int(i) for i in self.tokens))
@@ -318,3 +412,113 @@ class TraceState(Mapping):
 
 assert tuple(f.name for f in dataclasses.fields(TraceState)) == tuple(runcard.DEFAULTS), \
     "TraceState must have exactly the fields of tracing.runcard.DEFAULTS"
+
+
+# ---------------------------------------------------------------------------------------------
+# The study every page shares
+
+
+STUDY_FIELDS = ("prompt", "noise_by", "subject", "subject_tokens", "tokens", "target", "contrast",
+                "corruption", "noise_mode", "noise", "replacement", "samples", "seed", "kind", "window",
+                "metric", "convention")  # the trace page's fields that make up the study
+
+
+def _model_name(value: Any) -> str:
+    name = _text(value).strip()
+    if not name:
+        raise ValueError("empty")
+    if len(name) > MAX_NAME_CHARS or any(ord(c) < 32 for c in name):
+        raise ValueError(f"not a model name (at most {MAX_NAME_CHARS} printable characters)")
+    return name
+
+
+@dataclass(frozen=True)
+class Study:
+    """The current study, one per browser session and shared by every page: the model, the prompt
+    and its noised tokens (a subject, or picked indices), the expected and contrast completions and
+    every trace setting. Every page writes it into its URL (``to_query``), so any page's link
+    carries it; the trace page edits it, the other pages read it (the categories page may
+    override its batch settings)."""
+
+    model: str = DEFAULT_MODEL
+    prompt: str = runcard.DEFAULTS["prompt"]
+    noise_by: str = runcard.DEFAULTS["noise_by"]
+    subject: str = runcard.DEFAULTS["subject"]
+    subject_tokens: str = runcard.DEFAULTS["subject_tokens"]
+    tokens: tuple[int, ...] = tuple(runcard.DEFAULTS["tokens"])
+    target: str = runcard.DEFAULTS["target"]
+    contrast: str = runcard.DEFAULTS["contrast"]
+    corruption: str = runcard.DEFAULTS["corruption"]
+    noise_mode: str = runcard.DEFAULTS["noise_mode"]
+    noise: float = runcard.DEFAULTS["noise"]
+    replacement: str = runcard.DEFAULTS["replacement"]
+    samples: int = runcard.DEFAULTS["samples"]
+    seed: int = runcard.DEFAULTS["seed"]
+    kind: str = runcard.DEFAULTS["kind"]
+    window: int = runcard.DEFAULTS["window"]
+    metric: str = runcard.DEFAULTS["metric"]
+    convention: str = runcard.DEFAULTS["convention"]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tokens", tuple(int(i) for i in self.tokens))
+
+    @classmethod
+    def parse(cls, query: Mapping[str, Any]) -> tuple["Study", list[str]]:
+        """A study from URL query parameters (any page's): unknown keys ignored, a bad value
+        replaced by its default with a message in ``problems``."""
+        values, problems = runcard.parse_state({k: v for k, v in query.items() if k in STUDY_FIELDS})
+        model = DEFAULT_MODEL
+        if "model" in query:
+            try:
+                model = _model_name(query["model"])
+            except (ValueError, TypeError) as exc:
+                raw = str(query["model"])
+                problems.append(f"`model={raw if len(raw) <= 40 else raw[:39] + '…'}` ignored ({exc}); "
+                                f"using {DEFAULT_MODEL!r}.")
+        return cls.from_trace(values, model), problems
+
+    @classmethod
+    def from_trace(cls, state: Mapping[str, Any], model: str) -> "Study":
+        """The study part of a trace-page state (a ``TraceState`` or runcard's plain dict)."""
+        return cls(model=model, **{name: state[name] for name in STUDY_FIELDS})
+
+    def trace_fields(self) -> dict[str, Any]:
+        """The trace page's fields this study sets (``TraceState.replace(**study.trace_fields())``)."""
+        return {name: getattr(self, name) for name in STUDY_FIELDS}
+
+    def to_query(self) -> dict[str, str]:
+        """The study as URL query parameters (the model first; tokens only when picked)."""
+        values = {name: (list(v) if isinstance(v, tuple) else v) for name, v in self.trace_fields().items()}
+        query = runcard.state_to_query({**runcard.DEFAULTS, **values})
+        return {"model": self.model, **{k: v for k, v in query.items() if k in STUDY_FIELDS}}
+
+    def replace(self, **changes: Any) -> "Study":
+        return dataclasses.replace(self, **changes)
+
+    def single_kind(self) -> str:
+        """The study's kind, "hidden" when it restores all three (pages that trace one kind)."""
+        return "hidden" if self.kind == "all" else self.kind
+
+    def batch_settings(self) -> dict[str, Any]:
+        """The study's settings for a prompt-set batch (``tracing.batch``): kind, noise level and
+        mode, samples, seed (and window for MLP / attention)."""
+        settings = {"kind": self.single_kind(), "noise": float(self.noise), "noise_mode": self.noise_mode,
+                    "samples": int(self.samples), "seed": int(self.seed)}
+        if settings["kind"] != "hidden":
+            settings["window"] = int(self.window)
+        return settings
+
+    def describe(self) -> str:
+        """One line for the pages that read the study: prompt, noised tokens, kind, noise."""
+        prompt = self.prompt if len(self.prompt) <= 60 else self.prompt[:59] + "…"
+        noised = (f"subject '{self.subject}'" + (" (last token)" if self.subject_tokens == "last" else "")
+                  if self.noise_by == "subject" else f"tokens {', '.join(map(str, self.tokens)) or 'none'}")
+        level = ("token replacement" if self.corruption == "replace"
+                 else f"noise {self.noise:g}{' × σ' if self.noise_mode == 'sigma' else ''}")
+        return (f"“{prompt}” · {noised} · {self.kind} · {level} · {self.samples} sample"
+                f"{'s' if self.samples != 1 else ''} · seed {self.seed}")
+
+
+STUDY_KEYS = frozenset(("model", *STUDY_FIELDS))
+for _page in (CategoriesState, RomeState, AttentionState, HiddenState):
+    assert not STUDY_KEYS & set(_page.PARSERS), f"{_page.__name__}'s URL names collide with the study's"

@@ -20,7 +20,7 @@ import streamlit as st
 
 import tracing
 from pages import common
-from pages.state import TraceState
+from pages.state import HiddenState, Study, TraceState
 from tracing import runcard
 from tracing.analysis import transition_layer
 from tracing.causal import (Trace, TraceCancelled, causal_trace, chunk_work_for, embedding_sigma,
@@ -48,7 +48,10 @@ W["noise_sigma"] = "trace_noise_sigma"
 KIND_NAMES = {"hidden": "Hidden state", "mlp": "MLP", "attn": "Attention", "all": "All three"}
 ROW_NAMES = {"all": "every token", "noised_final": "noised + final", "chosen": "chosen tokens"}
 TAB_NAMES = {"heatmap": "Heatmap", "compact": "Noised vs final token", "sweep": "Noise sweep",
-             "severed": "Severed paths", "export": "Export / load"}
+             "severed": "Severed paths", "compare": "A/B compare", "export": "Export / load"}
+COMPARE_NAMES = {"prompt": "another prompt", "noise": "another noise level", "seed": "another seed"}
+PANEL_PLOT_PX = 520  # plot width of the heatmap beside an open side panel
+PICKED = "trace_heatmap_pick"  # the heatmap's click selection (a cell opens the side panel)
 SEVER_NAMES = {"none": "nothing", "mlp": "later MLPs", "attn": "later attention"}
 TAB_KEYS = {label: name for name, label in TAB_NAMES.items()}
 CORRUPTION_NAMES = {"gaussian": "Gaussian", "uniform": "Uniform", "replace": "Token replacement"}
@@ -116,25 +119,35 @@ def widget_values(state: TraceState) -> dict[str, Any]:
 
 
 def apply_state(state: TraceState) -> None:
-    """Set every widget to a page state (before the widgets are drawn, or from a callback)."""
+    """Set every widget to a page state (before the widgets are drawn, or from a callback); it is
+    the session's study from now on."""
     st.session_state[STATE] = state
+    common.set_study(Study.from_trace(state, common.study().model))
     for key, value in widget_values(state).items():
         st.session_state[key] = value
 
 
 def restore_widgets() -> list[str]:
-    """On the session's first visit read a shared link; later, refill widgets dropped by a page
-    switch."""
+    """On the session's first visit read a shared link; take the study when another page changed
+    it (a category prompt opened here, a link that landed on another page); refill widgets
+    dropped by a page switch."""
     problems: list[str] = []
-    if STATE not in st.session_state:
+    study = common.study()
+    linked = common.linked_now(common.PATHS["trace"])  # another page opened a study here
+    if STATE not in st.session_state or linked:
         state, problems = TraceState.parse(common.link_query(common.PATHS["trace"]))
-        apply_state(state)
+        apply_state(state.replace(**study.trace_fields()))
+        problems = common.study_only(problems)  # app.py reported the study's
+        common.consume_link(common.PATHS["trace"])
+    elif Study.from_trace(st.session_state[STATE], study.model) != study:
+        apply_state(st.session_state[STATE].replace(**study.trace_fields()))
     state = st.session_state[STATE]
     defaults = widget_values(state)
     defaults.setdefault(W["noise"], INTERACTIVE.noise)
     defaults.setdefault(W["noise_sigma"], 3.0)
     for key, value in defaults.items():
         st.session_state.setdefault(key, value)
+    common.keep_widgets(W.values())  # the widgets of closed tabs keep what the user set
     return problems
 
 
@@ -152,7 +165,9 @@ def read_state() -> TraceState:
 
 
 def publish(state: TraceState) -> None:
-    """Save the state and put it in the URL (a shared link reproduces the page)."""
+    """Save the state, make it the session's study and put it in the URL (a shared link
+    reproduces the page)."""
+    common.set_study(Study.from_trace(state, common.study().model))
     common.publish_state(state, STATE)
 
 
@@ -562,6 +577,8 @@ def target_note(trace: Trace) -> str:
     target = style.quote_token(trace.target)
     if given is None:
         return f"Target {target} (id {trace.target_id}): the clean run's top-1 token."
+    if not isinstance(given, str):  # a token id (a category batch's trace)
+        return f"Target {target} (id {trace.target_id}): the expected completion's first token."
     if given == trace.target:
         return f"Target {target} (id {trace.target_id}): the expected completion."
     return (f"Target {target} (id {trace.target_id}): the first token of the expected completion "
@@ -628,18 +645,96 @@ def top_tables(trace: Trace) -> None:
             "probability": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0, format="%.4f")})
 
 
-def heatmap_tab(traces: dict[str, Trace], metric: str) -> None:
-    if len(traces) > 1:
-        chart = charts.kinds_side_by_side(traces, metric)
-        data = pd.concat([charts.trace_frame(t, metric).assign(kind=k) for k, t in traces.items()])
-    else:
-        trace = next(iter(traces.values()))
-        chart, data = charts.heatmap(trace, metric), charts.trace_frame(trace, metric)
-    st.altair_chart(chart, width="content")
-    st.caption("Rows: tokens (index, token; * = noised, ␣ = space). Columns: layers. Colour: the "
-               "metric with that one state restored, from the corrupted run's value (white) up. "
-               "Hover a cell for exact numbers.")
-    common.chart_downloads(chart, "trace_heatmap", data, name=export_name("trace_heatmap", traces))
+def heatmap_tab(lm: tracing.LoadedModel, traces: dict[str, Trace], metric: str) -> None:
+    """The heatmap(s); a clicked cell opens its side panel (attention per head, logit lens)."""
+    first = next(iter(traces.values()))
+    cell = picked_cell(first)
+    where, panel = (st.columns([2.5, 1]) if cell is not None else (st.container(), None))
+    budget = PANEL_PLOT_PX if cell is not None else charts.PLOT_BUDGET  # room for the side panel
+    with where:
+        if len(traces) > 1:
+            chart = charts.kinds_side_by_side(traces, metric, pick=True, budget=budget)
+            data = pd.concat([charts.trace_frame(t, metric).assign(kind=k) for k, t in traces.items()])
+        else:
+            width = charts.fitted_cell_width(first.n_layers, budget)
+            chart = charts.heatmap(first, metric, pick=True, cell_width=width)
+            data = charts.trace_frame(first, metric)
+        st.altair_chart(chart, width="content", on_select="rerun", selection_mode=charts.PICK, key=PICKED)
+        st.caption("Rows: tokens (index, token; * = noised, ␣ = space). Columns: layers. Colour: the "
+                   "metric with that one state restored, from the corrupted run's value (white) up. "
+                   "Hover a cell for exact numbers; **click a cell** for its attention heads and logit "
+                   "lens (double-click to close).")
+        common.chart_downloads(chart, "trace_heatmap", data, name=export_name("trace_heatmap", traces))
+    if panel is not None:
+        with panel:
+            cell_panel(lm, traces, *cell, metric)
+
+
+def picked_cell(trace: Trace) -> tuple[int, int] | None:
+    """The (token, layer) clicked in the heatmap, when it is a cell of ``trace``."""
+    event = st.session_state.get(PICKED)
+    points = ((event or {}).get("selection") or {}).get(charts.PICK) or []
+    if not points or not isinstance(points[0], dict):
+        return None
+    try:
+        token, layer = int(points[0]["token_index"]), int(points[0]["layer"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (token, layer) if 0 <= token < len(trace.tokens) and 0 <= layer < trace.n_layers else None
+
+
+def lens_row(trace: Trace, layer: int) -> int:
+    """The logit-lens row (the residual state entering block ``row``) of a heatmap column: the
+    state entering block l (hidden kind, "input" convention), else the state leaving it."""
+    entering = trace.kind == "hidden" and trace.settings.get("convention", "input") == "input"
+    return layer if entering else min(layer + 1, trace.n_layers)
+
+
+def cell_panel(lm: tracing.LoadedModel, traces: dict[str, Trace], token: int, layer: int, metric: str) -> None:
+    """The side panel of a heatmap cell: its values, the final token's attention to that token at
+    that layer for every head, and the final token's logit lens there; links to the full views."""
+    first = next(iter(traces.values()))
+    shown = style.show_token(first.tokens[token])
+    box = st.container(border=True)
+    box.markdown(f"**Token {token} `{shown}` · layer {layer}**")
+    for kind, trace in traces.items():
+        value = trace.metric(metric)[token, layer]
+        box.caption(f"{KIND_NAMES[kind]} restored: {charts.metric_title(trace, metric)} = {value:.4g} "
+                    f"(corrupted {trace.metric_bounds(metric)[0]:.4g}, clean {trace.metric_bounds(metric)[1]:.4g})")
+    try:
+        weights = common.attention_to(lm, first.prompt, [token])[layer, :, 0]
+        lens = common.logit_lens(lm, first.prompt, k=5, target=int(first.target_id))
+    except Exception as exc:  # noqa: BLE001 - the panel says so; the heatmap stays
+        show = box.container()
+        with show:
+            common.show_error(exc, "Could not compute this cell's views")
+        return
+    final = style.show_token(first.tokens[-1])
+    box.markdown(f"**Attention** of the final token `{final}` to token {token} at layer {layer}, per head")
+    heads = pd.DataFrame({"head": np.arange(len(weights)), "weight": weights.astype(float)})
+    box.dataframe(heads, hide_index=True, width="stretch", height=min(400, 36 + 35 * len(heads)), column_config={
+        "weight": st.column_config.ProgressColumn(min_value=0.0, max_value=max(0.05, float(weights.max())),
+                                                  format="%.4f")})
+    box.caption(f"Mean over heads {weights.mean():.4f}; the largest: head {int(weights.argmax())} "
+                f"({weights.max():.4f}).")
+    row = lens_row(first, layer)
+    where = "entering" if row == layer else "leaving"
+    top = pd.DataFrame({"next token": [style.quote_token(t) for t in lens.top_tokens[row]],
+                        "probability": lens.top_probs[row]})
+    box.markdown(f"**Logit lens** of the final token's state {where} block {layer if row == layer else row - 1}")
+    box.dataframe(top, hide_index=True, width="stretch", column_config={
+        "probability": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0, format="%.4f")})
+    box.caption(f"Target {style.quote_token(lens.target)}: p = {lens.target_probs[row]:.4g}, rank "
+                f"{int(lens.target_ranks[row])} (clean run, no noise).")
+    row_links = box.container(horizontal=True, gap="small")
+    if row_links.button("All heads (Attention page)", key="trace_cell_attention", icon=":material/visibility:"):
+        common.follow_link("pages/attention.py", common.PATHS["attention"],
+                           {"tab": "Single prompt", "source": "study", "layer": layer})
+    if row_links.button("Full logit lens (Hidden states)", key="trace_cell_lens", icon=":material/timeline:"):
+        common.follow_link("pages/hidden_states.py", common.PATHS["hidden_states"], HIDDEN_LENS_LINK)
+
+
+HIDDEN_LENS_LINK = {"tab": HiddenState.TABS[0], "lens_source": "study"}  # the hidden-states page's settings that show the study's lens
 
 
 def compact_tab(traces: dict[str, Trace], metric: str) -> None:
@@ -780,6 +875,99 @@ def sweep_tab(lm: tracing.LoadedModel, state: TraceState, metric: str, ok: bool)
 
 
 # ---------------------------------------------------------------------------------------------
+# A/B comparison
+
+
+def compare_inputs(state: TraceState) -> None:
+    """What trace B changes, and B's value(s)."""
+    c1, c2 = st.columns([1.2, 3])
+    mode = c1.radio("Trace B is this study with", runcard.COMPARE, key=W["compare"], format_func=COMPARE_NAMES.get)
+    if mode == "prompt":
+        a, b, c = c2.columns([2.6, 1.4, 1.2])
+        a.text_input("B's prompt", key=W["b_prompt"])
+        b.text_input("B's subject (noised like A's)", key=W["b_subject"])
+        c.text_input("B's expected completion", key=W["b_target"], help="Empty: B's clean top-1 token.")
+    elif mode == "noise":
+        low, high = NOISE_RANGE[state.noise_mode]
+        if not low <= float(st.session_state.get(W["b_noise"], low)) <= high:
+            st.session_state[W["b_noise"]] = min(max(float(st.session_state[W["b_noise"]]), low), high)
+        c2.slider("B's noise level" + (" (× σ)" if state.noise_mode == "sigma" else ""), low, high,
+                  step=0.01, key=W["b_noise"], help=f"A's is {state.noise:g}.")
+    else:
+        c2.number_input("B's seed", *SEED_RANGE, step=1, key=W["b_seed"], help=f"A's is {state.seed}.")
+
+
+def compare_tab(lm: tracing.LoadedModel, state: TraceState, metric: str, ok: bool) -> TraceState:
+    """Trace A (this page's study) and trace B (it with another prompt, noise level or seed) on one
+    colour scale, their difference and both compact curves on one chart."""
+    st.caption("A is the study above. B changes one thing: the prompt (its subject noised the same way), "
+               "the noise level or the seed. Both are exact traces of one kind, cached like every trace.")
+    compare_inputs(state)
+    state = read_state().replace(tab=state.tab, sweep=state.sweep, sever_token=state.sever_token)
+    if not ok:
+        st.info("Fix the settings above to compare.")
+        return state
+    kind = "hidden" if state.kind == "all" else state.kind
+    try:
+        b = runcard.b_state(state)
+        check_request(lm, TraceState.from_dict(b), len(tokenize(lm, b["prompt"])))
+        requests = {"A": runcard.trace_request(lm, state, kind), "B": runcard.trace_request(lm, b, kind)}
+    except ValueError as exc:
+        common.show_error(exc, "Cannot trace B")
+        return state
+    names = ab_names(state)
+
+    def picture(traces: dict[str, Trace], masks: dict[str, Any]) -> Any:
+        shown = metric_for(traces, metric, quiet=True)
+        return charts.ab_pair(traces["A"], traces["B"], shown, names, exact={names[0]: masks["A"], names[1]: masks["B"]})
+
+    got = get_traces(lm, requests, state, slot="ab", picture=picture, label=lambda name: f"trace {name}")
+    if got is None:
+        return state
+    a, b_trace = got[0]["A"], got[0]["B"]
+    shown = metric_for(got[0], metric)
+    stem = export_name(f"ab_{state.compare}", {kind: a})
+    pair = charts.ab_pair(a, b_trace, shown, names)
+    st.altair_chart(pair, width="content")
+    common.chart_downloads(pair, "trace_ab_pair", pd.concat([charts.trace_frame(t, shown).assign(trace=n)
+                                                             for n, t in zip(names, (a, b_trace))]),
+                           name=stem + "_pair")
+    try:
+        diff = charts.difference_heatmap(a, b_trace, shown)
+    except ValueError as exc:
+        st.info(f"No difference heatmap: {exc}")
+    else:
+        st.altair_chart(diff, width="content")
+        common.chart_downloads(diff, "trace_ab_difference", charts.difference_frame(a, b_trace, shown),
+                               name=stem + "_difference")
+    try:
+        curves = charts.compact_pair(a, b_trace, shown, names)
+    except ValueError as exc:
+        st.info(f"No compact curves: {exc}")
+    else:
+        st.altair_chart(curves, width="content")
+        common.chart_downloads(curves, "trace_ab_compact", pd.concat(
+            [charts.compact_frame(t, shown).assign(trace=n) for n, t in zip(names, (a, b_trace))]),
+            name=stem + "_compact")
+    facts = lm.facts()
+    model = {k: facts[k] for k in ("name", "revision", "family", "dtype", "device")}
+    common.download_button("Run card of A and B (JSON)",
+                           _later(lambda: json.dumps(runcard.ab_card(a, b_trace, shown, model, state.to_dict()),
+                                                     indent=1, default=str)),
+                           f"{stem}.json", "application/json", "trace_ab_json", icon=":material/download:")
+    return state
+
+
+def ab_names(state: TraceState) -> tuple[str, str]:
+    """Panel names of A and B: what B changes."""
+    if state.compare == "noise":
+        return f"A · noise {state.noise:g}", f"B · noise {state.b_noise:g}"
+    if state.compare == "seed":
+        return f"A · seed {state.seed}", f"B · seed {state.b_seed}"
+    return (f"A · {style.ellipsis(state.prompt, 28)}", f"B · {style.ellipsis(state.b_prompt, 28)}")
+
+
+# ---------------------------------------------------------------------------------------------
 # Severed paths (ROME Fig. 3)
 
 
@@ -882,7 +1070,7 @@ def results(lm: tracing.LoadedModel, state: TraceState, current: bool, ok: bool,
     state = state.replace(tab=TAB_KEYS.get(st.session_state.get(W["tab"]), state.tab))
     if _showing(tabs["heatmap"]):
         with tabs["heatmap"]:
-            heatmap_tab(traces, metric)
+            heatmap_tab(lm, traces, metric)
     if _showing(tabs["compact"]):
         with tabs["compact"]:
             compact_tab(traces, metric)
@@ -893,9 +1081,12 @@ def results(lm: tracing.LoadedModel, state: TraceState, current: bool, ok: bool,
     if _showing(tabs["severed"]):
         with tabs["severed"]:
             state = severed_tab(lm, state, tokens, metric, ok and current)
+    if _showing(tabs["compare"]):
+        with tabs["compare"]:
+            state = compare_tab(lm, state, metric, ok and current)
     if _showing(tabs["sweep"]):
         with tabs["sweep"]:
-            return sweep_tab(lm, state, metric, ok and current)
+            state = sweep_tab(lm, state, metric, ok and current)
     return state
 
 

@@ -10,12 +10,15 @@ from streamlit.testing.v1 import AppTest
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
 
-def open_page(tab: str = "By prompt type", prompt_set: str = "quick") -> AppTest:
-    """The attention page on one tab (tabs are lazy), with the small shipped set ``quick``."""
+def open_page(tab: str = "By prompt type", prompt_set: str = "quick", **state) -> AppTest:
+    """The attention page on one tab (tabs are lazy), with the small shipped set ``quick`` (and
+    more widget values in ``state``)."""
     at = AppTest.from_file(APP, default_timeout=600)
     at.switch_page("pages/attention.py")  # a deep link: the trace page does not run first
     at.session_state["attn_set"] = prompt_set
     at.session_state["attn_tab"] = tab
+    for key, value in state.items():
+        at.session_state[key] = value
     at.run()
     assert not at.exception, at.exception
     return at
@@ -47,7 +50,7 @@ def test_page_renders_prompt_set_views():
 
 @pytest.mark.slow
 def test_single_prompt_bad_input_then_recovers():
-    at = open_page("Single prompt")
+    at = open_page("Single prompt", attn_source="own")  # the study's prompt: tests/test_attention_study.py
     assert len(at.get("vega_lite_chart")) == 2  # pattern, final rows
     assert not any("prompts** from" in c.value for c in at.caption)  # lazy tabs: no prompt set run
     at.text_input(key="attn_single_prompt").set_value("   ").run()

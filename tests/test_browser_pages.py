@@ -135,8 +135,8 @@ def test_categories_page(server, page):
 
 def test_attention_page(server, page):
     page.goto(f"{server.url}/attention")
-    _wait_for_chart(page)  # the first tab measures the shipped prompt set on load
-    assert page.get_by_text("prompts** from", exact=False).count() or page.get_by_text("prompts from").count()
+    _wait_for_chart(page)  # the first tab: the study's prompt
+    assert page.get_by_text("Final-token attention per layer", exact=False).count()
     _finish(page, server, "attention")
 
 
@@ -261,3 +261,116 @@ def test_nothing_is_requested_from_other_hosts_and_the_console_stays_quiet(serve
     assert not foreign, f"{len(foreign)} requests to other hosts: {sorted(set(foreign))[:10]}"
     assert not console, console[:20]
     assert "Traceback" not in server.log_tail(400) and "Warning" not in server.log_tail(400), server.log_tail(60)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linked views, the A/B comparison and links that reproduce every page
+
+STUDY = {**PICKED, "kind": "hidden", "rows": "all"}
+STREAMLIT_PROBES = ("/_stcore/health", "/_stcore/host-config")  # streamlit#7074: a deep link's first load
+
+
+def _quiet(page):
+    """Collects failed requests and console warnings and errors from now on; returns a function
+    that lists them. Streamlit's own probes of a deep link (streamlit#7074: it first asks for
+    ``/<page>/_stcore/health``, gets 404, then asks the right URL) and their console lines are
+    left out, nothing else."""
+    said: list[str] = []
+    failed: list[str] = []
+    page.on("console", lambda m: said.append(f"{m.type}: {m.text}") if m.type in ("warning", "error") else None)
+    page.on("response", lambda r: failed.append(r.url) if r.status >= 400 else None)
+
+    def problems() -> list[str]:
+        probes = [u for u in failed if u.split("?")[0].endswith(STREAMLIT_PROBES)]
+        lines = list(said)
+        for _ in probes:  # one "404" console line per probe
+            match = next((m for m in lines if "status of 404" in m), None)
+            if match is not None:
+                lines.remove(match)
+        return [u for u in failed if u not in probes] + lines
+    return problems
+
+
+def _cell(page, token: int, layer: int, n_layers: int):
+    """A heatmap cell of the first chart (cells are drawn token-major)."""
+    cells = page.locator(CHART).first.locator("path[role='graphics-symbol']")
+    return cells.nth(token * n_layers + layer)
+
+
+def test_a_clicked_heatmap_cell_opens_its_side_panel_and_links_to_attention(server, page):
+    problems = _quiet(page)
+    page.goto(f"{server.url}/?{urlencode(STUDY)}")
+    _wait_for_chart(page)
+    _cell(page, 3, 12, 30).click()
+    page.get_by_text("Logit lens", exact=False).first.wait_for(timeout=WAIT_MS)
+    wait_idle(page, WAIT_MS / 1000)
+    screenshot(page, "trace_cell_panel")
+    heading = page.locator('[data-testid="stMarkdownContainer"]').filter(has_text="Token 3").filter(has_text="layer 12")
+    assert heading.count(), "no side panel for token 3, layer 12"
+    assert page.get_by_text("per head", exact=False).count() and page.get_by_text("rank", exact=False).count()
+    page.get_by_role("button", name="All heads (Attention page)").click()
+    page.get_by_text("Attention", exact=True).first.wait_for(timeout=WAIT_MS)
+    _wait_for_chart(page)
+    query = _query(page)
+    assert query.get("layer") == "12" and query.get("source") == "study" and query.get("tab") == "Single prompt"
+    assert query.get("prompt") == STUDY["prompt"] and query.get("tokens") == "3", page.url
+    screenshot(page, "attention_from_cell")
+    assert not _problems(page) and not problems(), (_problems(page), problems())
+
+
+def test_ab_view_of_two_seeds(server, page):
+    problems = _quiet(page)
+    page.goto(f"{server.url}/?{urlencode({**STUDY, 'tab': 'compare', 'compare': 'seed', 'b_seed': '78'})}")
+    page.get_by_role("button", name="Run card of A and B (JSON)").wait_for(timeout=WAIT_MS)
+    wait_idle(page, WAIT_MS / 1000)
+    screenshot(page, "trace_ab_seeds")
+    texts = page.locator(CHART).all_inner_texts()
+    assert page.locator(CHART).count() >= 3  # the pair, B − A, the compact curves
+    assert _query(page).get("b_seed") == "78" and _query(page).get("compare") == "seed"
+    assert not _problems(page) and not problems(), (_problems(page), problems(), texts[:1])
+
+
+def test_a_category_point_opens_its_trace_from_the_store(server, page):
+    problems = _quiet(page)
+    page.goto(f"{server.url}/categories?{urlencode({**STUDY, 'prompt_set': 'quick'})}")
+    page.get_by_text("Category averages").first.wait_for(timeout=WAIT_MS)
+    wait_idle(page, WAIT_MS / 1000)
+    run = page.get_by_role("button", name=re.compile(r"^Trace \d+ missing"))
+    if run.count() and run.first.is_enabled():
+        run.first.click()
+    page.get_by_text("Confounds", exact=False).first.wait_for(timeout=WAIT_MS)
+    wait_idle(page, WAIT_MS / 1000)
+    screenshot(page, "categories_before_point")
+    scatter = page.locator(CHART).filter(has_text="tokens from the noised to the final token").first
+    scatter.locator("path[role='graphics-symbol']").first.click()
+    page.get_by_text("Causal trace of one prompt").wait_for(timeout=WAIT_MS)
+    _wait_for_chart(page)
+    screenshot(page, "trace_from_category_point")
+    assert page.get_by_text("Loaded from the result store", exact=False).count(), "the trace was recomputed"
+    assert _query(page).get("samples") == "1" and _query(page).get("seed") == STUDY["seed"]
+    assert not _problems(page) and not problems(), (_problems(page), problems())
+
+
+@pytest.mark.parametrize("title", ["Single-prompt trace", "Category averages", "Attention", "Hidden states",
+                                   "ROME averages"])
+def test_every_pages_url_reproduces_it_in_a_fresh_session(server, browser, page, title):
+    page.goto(f"{server.url}/?{urlencode({**STUDY, 'seed': '91'})}")
+    _wait_for_chart(page)
+    _go_to(page, title)
+    time.sleep(1)
+    wait_idle(page, WAIT_MS / 1000)
+    link, shown = page.url, _query(page)
+    assert shown.get("prompt") == STUDY["prompt"] and shown.get("seed") == "91", link  # the study travels
+    fresh = browser.new_context(viewport={"width": 1400, "height": 1000})
+    try:
+        other = fresh.new_page()
+        other.goto(link)
+        other.get_by_text(title.split()[0], exact=False).first.wait_for(timeout=WAIT_MS)
+        time.sleep(1)
+        wait_idle(other, WAIT_MS / 1000)
+        assert _query(other) == shown, (shown, _query(other))
+        assert not _problems(other), _problems(other)
+        if title not in ("Single-prompt trace", "ROME averages"):  # ROME averages a fact set, not the study
+            assert other.get_by_text(STUDY["prompt"], exact=False).count(), "the study is not shown"
+    finally:
+        fresh.close()

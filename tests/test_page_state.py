@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from pages.state import (ATTENTION_TABS, UPLOAD, AttentionState, CategoriesState, HiddenState,
-                             TraceState)
+from pages.state import (ATTENTION_TABS, STUDY_KEYS, UPLOAD, AttentionState, CategoriesState, HiddenState, RomeState,
+                         Study, TraceState)
 from tracing import runcard
 from tracing.settings import DEFAULTS, INTERACTIVE, SAMPLES_RANGE
 
-STATES = (TraceState, CategoriesState, AttentionState, HiddenState)
+STATES = (TraceState, CategoriesState, AttentionState, HiddenState, RomeState, Study)
 
 
 def test_the_state_module_does_not_import_streamlit():
@@ -76,30 +76,60 @@ def test_trace_state_is_what_the_run_card_functions_take():
 # -- categories page ------------------------------------------------------------------------------
 
 
-def test_categories_state_defaults_are_the_study_defaults():
+def test_categories_state_follows_the_study_unless_told_otherwise():
     state = CategoriesState()
-    assert (state.kind, state.noise, state.samples, state.seed) == (
-        DEFAULTS.kind, DEFAULTS.noise, DEFAULTS.samples, DEFAULTS.seed)
-    assert state.batch_settings() == {"kind": "hidden", "noise": DEFAULTS.noise, "noise_mode": "absolute",
-                                      "samples": DEFAULTS.samples, "seed": 0}
-    assert CategoriesState(kind="mlp", window=4).batch_settings()["window"] == 4
+    assert not state.own_settings
+    study = Study(kind="mlp", noise=0.7, samples=4, seed=5, window=3)
+    assert state.batch_settings(study) == {"kind": "mlp", "noise": 0.7, "noise_mode": "absolute",
+                                           "samples": 4, "seed": 5, "window": 3}
+    assert Study(kind="all").batch_settings()["kind"] == "hidden"  # a batch traces one kind
+    own = CategoriesState(own_settings=True, batch_kind="hidden", batch_samples=2)
+    assert own.batch_settings(study) == {"kind": "hidden", "noise": DEFAULTS.noise, "noise_mode": "absolute",
+                                         "samples": 2, "seed": DEFAULTS.seed}
+    assert "batch_noise" not in state.to_query() and "batch_noise" in own.to_query()
 
 
 def test_categories_state_round_trip_and_problems():
-    state = CategoriesState(prompt_set="quick", kind="attn", noise=3.0, noise_mode="sigma", samples=2,
-                            seed=9, target="top1", window=6, correct_only=False, combine=True,
-                            spread="std", min_effect=0.1)
+    state = CategoriesState(prompt_set="quick", own_settings=True, batch_kind="attn", batch_noise=3.0,
+                            batch_noise_mode="sigma", batch_samples=2, batch_seed=9, answer="top1",
+                            batch_window=6, correct_only=False, combine=True, spread="std", min_effect=0.1)
     assert CategoriesState.parse(state.to_query()) == (state, [])
-    bad, problems = CategoriesState.parse({"samples": str(SAMPLES_RANGE[1] + 1), "kind": "all",
+    bad, problems = CategoriesState.parse({"batch_samples": str(SAMPLES_RANGE[1] + 1), "batch_kind": "all",
                                            "prompt_set": "nope", "combine": "maybe",
-                                           "noise": "5", "noise_mode": "absolute"})
+                                           "batch_noise": "5", "batch_noise_mode": "absolute"})
     said = " ".join(problems)
     assert len(problems) == 5
-    assert "`samples=101` ignored" in said and "`kind=all` ignored" in said
+    assert "`batch_samples=101` ignored" in said and "`batch_kind=all` ignored" in said
     assert "`prompt_set=nope` ignored" in said and "`combine=maybe` ignored" in said
-    assert "`noise=5` ignored" in said  # above the absolute range
+    assert "`batch_noise=5` ignored" in said  # above the absolute range
     assert bad == CategoriesState()
     assert CategoriesState.parse({"prompt_set": UPLOAD})[0].prompt_set == UPLOAD
+
+
+# -- the study every page shares ------------------------------------------------------------------
+
+
+def test_study_round_trips_through_any_pages_url():
+    study = Study(model="gpt2-xl", prompt="Paris is the capital of", noise_by="tokens", tokens=(0, 2),
+                  target=" France", noise=0.3, samples=2, seed=4, kind="mlp", window=5)
+    query = study.to_query()
+    assert query["model"] == "gpt2-xl" and query["tokens"] == "0,2" and "subject" not in query
+    page = {**query, **AttentionState(layer=3).to_query()}  # another page's link carries it too
+    assert Study.parse(page) == (study, [])
+    assert Study.from_trace(TraceState(**study.trace_fields()), "gpt2-xl") == study
+
+
+def test_study_bad_values_warn_and_fall_back():
+    study, problems = Study.parse({"model": "x" * 5000, "noise": "loud", "samples": "-3"})
+    said = " ".join(problems)
+    assert len(problems) == 3 and "`model=" in said and "`noise=loud` ignored" in said
+    assert study == Study()
+
+
+def test_page_urls_never_collide_with_the_study():
+    for cls in (CategoriesState, AttentionState, HiddenState, RomeState):
+        assert not STUDY_KEYS & set(cls().to_query()), cls.__name__
+    assert set(Study().to_query()) <= set(TraceState().to_query()) | {"model"}  # the trace page's names
 
 
 # -- attention page -------------------------------------------------------------------------------
@@ -107,7 +137,7 @@ def test_categories_state_round_trip_and_problems():
 
 def test_attention_state_round_trip_and_problems():
     state = AttentionState(tab=ATTENTION_TABS[3], prompt_set="quick", skip_flagged=False, only_right=True,
-                           target="first", prompt="Paris is", layer=7, head="2", long_n=3, long_m=24,
+                           to_token="first", source="own", own_prompt="Paris is", layer=7, head="2", long_n=3, long_m=24,
                            long_seed=5)
     assert AttentionState.parse(state.to_query()) == (state, [])
     assert "layer" not in AttentionState().to_query()  # the model's middle layer

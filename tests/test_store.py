@@ -333,3 +333,60 @@ def test_entries_without_a_record_type_read_as_traces(tmp_path):
     path.write_text(json.dumps(meta))
     store.forget_memory()
     assert store.get(k) is None  # unknown record type: treated as damaged
+
+
+# -- answers by text and by id share one key (issue 12); older entries are re-filed ---------------
+
+
+VOCAB = {"The": 1, " Eiffel": 2, " Tower": 3, " is": 4, " in": 5, " Paris": 6, " Rome": 7}
+
+
+def word_tokenizer(text: str, add_special_tokens: bool = True) -> dict:
+    """Words with their leading space, ids from ``VOCAB`` (known by hand)."""
+    import re
+
+    return {"input_ids": [VOCAB[w] for w in re.findall(r" ?\S+", text)]}
+
+
+TOKENIZED = SimpleNamespace(name="stand-in", revision="r1", dtype="torch.float32", tokenizer=word_tokenizer)
+EIFFEL = "The Eiffel Tower is in"
+MLP = {"kind": "mlp", "samples": 3, "convention": "output", "noised": [1, 2, 3]}
+
+
+def test_a_text_target_keys_as_the_token_it_names():
+    from tracing.store import legacy_key
+
+    by_text = result_key(TOKENIZED, EIFFEL, {**MLP, "target": " Paris"})
+    assert by_text == result_key(TOKENIZED, EIFFEL, {**MLP, "target": 6})  # " Paris" is token 6
+    assert by_text != result_key(TOKENIZED, EIFFEL, {**MLP, "target": 7})
+    assert result_key(TOKENIZED, EIFFEL, {**MLP, "contrast": " Rome"}) == result_key(
+        TOKENIZED, EIFFEL, {**MLP, "contrast": 7})
+    # the key before this change, pinned in tests/test_sever.py for a model without a tokenizer
+    assert legacy_key(TOKENIZED, EIFFEL, {**MLP, "target": " Paris"}) == \
+        "416ed3e334270aca1312ab3feb08a7897fc163820c1dbaffb92007458102a814"
+    # ids, None and a model without a tokenizer: keys are what they were
+    assert legacy_key(TOKENIZED, EIFFEL, {**MLP, "target": 6}) == result_key(TOKENIZED, EIFFEL, {**MLP, "target": 6})
+    assert key() == "d7b543df7292268a318d288ff4001cbb3de4055643978f39dc7331d139a29738"
+
+
+def test_a_legacy_entry_is_found_and_refiled_under_the_new_key(tmp_path):
+    from tracing.store import legacy_key
+
+    settings = {**MLP, "target": " Paris"}
+    old = legacy_key(TOKENIZED, EIFFEL, settings)
+    ResultStore(tmp_path).put(old, make_trace(seed=3))  # what an older version stored
+    store = ResultStore(tmp_path)
+    new = store.key(TOKENIZED, EIFFEL, settings)
+    assert new != old
+    assert_same(store.get(new), make_trace(seed=3))
+    assert list(ResultStore(tmp_path).keys()) == [new]  # moved, not copied
+    fresh = ResultStore(tmp_path)  # no memory of the legacy key: read under the new key
+    assert_same(fresh.get(new), make_trace(seed=3))
+    assert fresh.get(fresh.key(TOKENIZED, EIFFEL, {**MLP, "target": 6})) is not None  # the same entry
+    assert ResultStore(tmp_path).get(key()) is None
+
+
+def test_a_key_without_a_legacy_entry_is_simply_missing(tmp_path):
+    store = ResultStore(tmp_path)
+    assert store.get(store.key(TOKENIZED, EIFFEL, {**MLP, "target": " Paris"})) is None
+    assert not list(store.keys())

@@ -1,14 +1,16 @@
 """The analysis rules every view shares: which noised token a trace is followed by, where the
-final token takes over (the seed study's transition layer), and one summary statistic.
+final token takes over (the seed study's transition layer), ROME's six token positions, how two
+traces are aligned for an A/B difference, and one summary statistic.
 
 The trace page, the category table and the CLI all call these; none has its own variant.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
+import pandas as pd
 
 from .settings import lower_is_better
 
@@ -67,3 +69,50 @@ def describe(values: np.ndarray, axis: int = 0) -> dict[str, np.ndarray | int]:
         std = np.sqrt(var)
         sem = std / np.sqrt(np.maximum(n, 1))
     return {"mean": mean, "std": std, "sem": sem, "n": n}
+
+
+POSITION_LABELS = {"first_subject": "first noised token", "middle_subject": "middle noised tokens",
+                   "last_subject": "last noised token", "first_after": "first token after",
+                   "further": "further tokens", "last": "last token"}  # ROME's six rows
+
+
+def position_groups(subject: list[int], n_tokens: int) -> dict[str, list[int]]:
+    """Token indices of each of ROME's six rows for a prompt of ``n_tokens`` tokens whose subject
+    covers ``subject`` (contiguous indices). ValueError when the subject ends the prompt."""
+    first, last = min(subject), max(subject)
+    if last >= n_tokens - 1:
+        raise ValueError("the subject ends the prompt: no token follows it")
+    return {
+        "first_subject": [first], "middle_subject": list(range(first + 1, last)), "last_subject": [last],
+        "first_after": [last + 1], "further": list(range(last + 2, n_tokens - 1)), "last": [n_tokens - 1],
+    }
+
+
+def ab_difference(a: "Trace", b: "Trace", metric: str = "prob",
+                  token_text: Callable[[str], str] = str) -> pd.DataFrame:
+    """Trace B minus trace A, cell by cell, in one metric: long, one row per (row, layer) with
+    columns ``row`` (label), ``order``, ``layer``, ``a``, ``b``, ``difference`` and ``aligned``.
+
+    Prompts with as many tokens are aligned token by token (``aligned="token"``: rows labelled
+    with both tokens when they differ). Otherwise they are aligned on ROME's six positions
+    (``aligned="position"``: the mean over each position's tokens; a position one prompt lacks
+    is left out). ValueError when the traces have different layer counts, or when a prompt
+    ends with its noised tokens (no position to align on)."""
+    if a.n_layers != b.n_layers:
+        raise ValueError(f"A has {a.n_layers} layers and B {b.n_layers}: compare traces of one model.")
+    va, vb = a.metric(metric), b.metric(metric)
+    if len(a.tokens) == len(b.tokens):
+        shown = [(token_text(x), token_text(y)) for x, y in zip(a.tokens, b.tokens)]
+        rows = [(f"{i} {x}" if x == y else f"{i} {x} / {y}", va[i], vb[i]) for i, (x, y) in enumerate(shown)]
+        aligned = "token"
+    else:
+        ga = position_groups(list(a.noised), len(a.tokens))
+        gb = position_groups(list(b.noised), len(b.tokens))
+        rows = [(POSITION_LABELS[name], va[ga[name]].mean(axis=0), vb[gb[name]].mean(axis=0))
+                for name in POSITION_LABELS if ga[name] and gb[name]]
+        aligned = "position"
+    layers = np.arange(a.n_layers)
+    parts = [pd.DataFrame({"row": label, "order": i, "layer": layers, "a": ra.astype(float),
+                           "b": rb.astype(float), "difference": (rb - ra).astype(float)})
+             for i, (label, ra, rb) in enumerate(rows)]
+    return pd.concat(parts, ignore_index=True).assign(aligned=aligned)

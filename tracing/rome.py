@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 
 from . import causal
-from .analysis import describe
+from .analysis import describe, position_groups
 from .batch import BatchProgress, CellProgress, plan_batch, run_batch
 from .model.runner import Runner
 from .model.tokens import subject_positions, tokenize
@@ -89,18 +89,6 @@ def rome_noise(lm: "LoadedModel", prompts: pd.DataFrame, factor: float = NOISE_F
 
 # ---------------------------------------------------------------------------------------------
 # Position groups and per-prompt effects
-
-
-def position_groups(subject: list[int], n_tokens: int) -> dict[str, list[int]]:
-    """Token indices of each of ROME's six rows for a prompt of ``n_tokens`` tokens whose subject
-    covers ``subject`` (contiguous indices). ValueError when the subject ends the prompt."""
-    first, last = min(subject), max(subject)
-    if last >= n_tokens - 1:
-        raise ValueError("the subject ends the prompt: no token follows it")
-    return {
-        "first_subject": [first], "middle_subject": list(range(first + 1, last)), "last_subject": [last],
-        "first_after": [last + 1], "further": list(range(last + 2, n_tokens - 1)), "last": [n_tokens - 1],
-    }
 
 
 def prompt_effects(trace: "Trace") -> dict[str, np.ndarray | None]:

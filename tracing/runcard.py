@@ -40,7 +40,10 @@ KIND_CHOICES = KINDS + ("all",)
 NOISE_BY = ("subject", "tokens")
 SUBJECT_TOKENS = ("all", "last")
 ROWS = ("all", "noised_final", "chosen")  # token rows to compute exactly (ROW_CHOICES + chosen ones)
-TABS = ("heatmap", "compact", "sweep", "severed", "export")  # the trace page's result tabs
+TABS = ("heatmap", "compact", "sweep", "severed", "compare", "export")  # the trace page's result tabs
+COMPARE = ("prompt", "noise", "seed")  # what trace B changes in the A/B comparison
+EXAMPLE_B_PROMPT = "The Colosseum is located in the city of"
+EXAMPLE_B_SUBJECT = "Colosseum"
 SEVERS = ("none",) + SEVER_PARTS  # hidden kind: what stays corrupted at the restored token
 MAX_TEXT = query.MAX_TEXT
 MAX_SWEEP = 8
@@ -73,12 +76,20 @@ DEFAULTS: dict[str, Any] = {
     "tab": "heatmap",
     "sever": "none",  # hidden kind: sever the later MLP or attention outputs (ROME Fig. 3)
     "sever_token": -1,  # the severed-paths comparison's token (-1: the last noised token)
+    "compare": "prompt",  # A/B: trace B is another prompt, or this one at another noise level or seed
+    "b_prompt": EXAMPLE_B_PROMPT,  # compare=prompt: B's prompt, its subject noised like A's
+    "b_subject": EXAMPLE_B_SUBJECT,
+    "b_target": "",  # B's expected completion ("" = its clean top-1 token)
+    "b_noise": 0.8,  # compare=noise
+    "b_seed": 1,  # compare=seed
 }
-_TEXT = ("prompt", "subject", "target", "contrast", "replacement")
+B_FIELDS = {"prompt": ("b_prompt", "b_subject", "b_target"), "noise": ("b_noise",), "seed": ("b_seed",)}
+_TEXT = ("prompt", "subject", "target", "contrast", "replacement", "b_prompt", "b_subject", "b_target")
 _CHOICES = {"noise_by": NOISE_BY, "subject_tokens": SUBJECT_TOKENS, "corruption": CORRUPTIONS,
             "noise_mode": NOISE_MODES, "kind": KIND_CHOICES, "metric": METRICS,
-            "convention": CONVENTIONS, "rows": ROWS, "tab": TABS, "sever": SEVERS}
-_INTS = {"samples": SAMPLES_RANGE, "seed": SEED_RANGE, "window": WINDOW_RANGE, "sever_token": (-1, 10**6)}
+            "convention": CONVENTIONS, "rows": ROWS, "tab": TABS, "sever": SEVERS, "compare": COMPARE}
+_INTS = {"samples": SAMPLES_RANGE, "seed": SEED_RANGE, "window": WINDOW_RANGE, "sever_token": (-1, 10**6),
+         "b_seed": SEED_RANGE}
 
 
 class RunCardError(ValueError):
@@ -97,7 +108,7 @@ def _parse_one(name: str, value: Any, noise_mode: str) -> Any:
         return query.choice(tuple(_CHOICES[name]))(value)
     if name in _INTS:
         return query.integer(*_INTS[name])(value)
-    if name == "noise":
+    if name in ("noise", "b_noise"):
         return query.number(*NOISE_RANGE[noise_mode])(value)
     if name in ("tokens", "row_tokens"):
         indices = query.items(value)
@@ -153,6 +164,12 @@ def state_to_query(state: Mapping[str, Any]) -> dict[str, str]:
         query.pop("row_tokens")
     if state.get("sever_token", -1) == -1:
         query.pop("sever_token")
+    for mode, names in B_FIELDS.items():  # B's fields only for what B changes, and when it is shown
+        if state.get("tab") != "compare" or state.get("compare") != mode:
+            for name in names:
+                query.pop(name)
+    if state.get("tab") != "compare":
+        query.pop("compare")
     if state.get("noise_by") != "tokens":
         query.pop("tokens")
     else:
@@ -226,6 +243,34 @@ def trace_request(lm: "LoadedModel", state: Mapping[str, Any], kind: str | None 
     )
     return TraceRequest(state["prompt"], noised, settings,
                         rows_to_compute(lm, state, noised) if rows is None else sorted(set(rows)))
+
+
+def b_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Trace B's page state in the A/B comparison: A's state with what ``compare`` changes (another
+    prompt, its subject noised like A's; another noise level; another seed). ValueError when B
+    cannot be traced that way."""
+    out = {**DEFAULTS, **dict(state)}
+    mode = out["compare"]
+    if mode == "prompt":
+        if out["corruption"] == "replace":
+            raise ValueError("Comparing two prompts needs noise: with token replacement B would need a "
+                             "replacement prompt of its own.")
+        if not out["b_prompt"].strip():
+            raise ValueError("Type B's prompt.")
+        if not out["b_subject"].strip():
+            raise ValueError("Type B's subject (the text inside B's prompt to noise).")
+        rows = "noised_final" if out["rows"] == "chosen" else out["rows"]  # A's chosen rows are A's tokens
+        out.update(prompt=out["b_prompt"], noise_by="subject", subject=out["b_subject"], target=out["b_target"],
+                   rows=rows)
+    elif mode == "noise":
+        if out["corruption"] == "replace":
+            raise ValueError("Token replacement has no noise level: compare another seed or prompt.")
+        out["noise"] = out["b_noise"]
+    elif mode == "seed":
+        out["seed"] = out["b_seed"]
+    else:
+        raise ValueError(f"Unknown comparison {mode!r}: use one of {', '.join(COMPARE)}.")
+    return out
 
 
 def rows_to_compute(lm: "LoadedModel", state: Mapping[str, Any], noised: list[int]) -> list[int] | None:
@@ -302,6 +347,14 @@ def run_card(trace: Trace, metric: str = "prob", model: Mapping[str, Any] | None
         "versions": package_versions(),
         "page": dict(page) if page is not None else None,
     }
+
+
+def ab_card(a: Trace, b: Trace, metric: str = "prob", model: Mapping[str, Any] | None = None,
+            page: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The run card of an A/B comparison: what B changes and both traces' run cards."""
+    mode = (page or {}).get("compare")
+    return {"format": CARD_FORMAT + " (A/B comparison)", "version": CARD_VERSION, "compare": mode,
+            "A": run_card(a, metric, model, page), "B": run_card(b, metric, model, page)}
 
 
 def numbers(trace: Trace) -> dict[str, Any]:

@@ -5,7 +5,11 @@ which (``record``: "trace" or "head"; entries written before it existed are trac
 trace's key includes that it is one and its restored ``token``, so the two never share a key.
 
 Layout: ``root/<key[:2]>/<key>.json`` and ``root/<key[:2]>/<key>.safetensors``. The key is the
-sha256 of a canonical JSON of the model (name, revision, dtype), the prompt and every trace setting.
+sha256 of a canonical JSON of the model (name, revision, dtype), the prompt and every trace setting,
+a target or contrast given as text (" Paris") written as the token id it names, so a trace asked for
+by completion and by id is one entry. Entries filed by older versions under the text (``legacy_key``)
+are still found: ``get`` of a key made by ``ResultStore.key`` falls back to its legacy key and
+re-files the entry under the new one.
 The JSON holds the format version, the trace metadata and sha256 checksums of itself and of the
 arrays file. Each file is written to a temporary name and renamed into place (arrays first), so a
 reader never sees a partial or mixed entry: an interrupted write reads as missing. An entry whose checksum, version or content
@@ -38,6 +42,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _KEY = re.compile(r"^[0-9a-f]{64}$")
+LEGACY_ITEMS = 4096  # keys whose legacy key a store remembers (see ResultStore.key)
 
 
 RECORDS = ("trace", "head")  # record types: causal.Trace, heads.HeadTrace
@@ -110,15 +115,40 @@ def model_identity(lm: "LoadedModel") -> dict[str, str]:
     }
 
 
-def result_key(lm: "LoadedModel", prompt: str, settings: dict[str, Any]) -> str:
-    """sha256 hex key of (model identity, prompt, canonical settings, store format)."""
-    payload = {
-        "format": FORMAT_VERSION,
-        "model": model_identity(lm),
-        "prompt": prompt,
-        "settings": canonical_settings(settings),
-    }
+def answer_ids(lm: "LoadedModel", prompt: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Canonical ``settings`` with a text ``target`` / ``contrast`` replaced by the token id it
+    names (its first token after ``prompt``, as the engine resolves it), so a trace asked for by
+    completion (" Paris") and by id (its token) share a key. Kept as text when ``lm`` has no
+    tokenizer or the text names no token (the engine then reports it)."""
+    from .model.tokens import completion_token
+
+    out = dict(settings)
+    if getattr(lm, "tokenizer", None) is None:
+        return out
+    for name in ("target", "contrast"):
+        if isinstance(out.get(name), str):
+            try:
+                out[name] = completion_token(lm, prompt, out[name], name)
+            except (ValueError, TypeError):
+                pass
+    return out
+
+
+def _key(lm: "LoadedModel", prompt: str, settings: dict[str, Any]) -> str:
+    payload = {"format": FORMAT_VERSION, "model": model_identity(lm), "prompt": prompt, "settings": settings}
     return _sha256(_canonical_json(payload).encode("utf-8"))
+
+
+def result_key(lm: "LoadedModel", prompt: str, settings: dict[str, Any]) -> str:
+    """sha256 hex key of (model identity, prompt, canonical settings with answers as token ids
+    (``answer_ids``), store format)."""
+    return _key(lm, prompt, answer_ids(lm, prompt, canonical_settings(settings)))
+
+
+def legacy_key(lm: "LoadedModel", prompt: str, settings: dict[str, Any]) -> str:
+    """The key the store used before ``answer_ids``: a text target or contrast kept as text.
+    Equal to ``result_key`` when the settings name no answer by its text."""
+    return _key(lm, prompt, canonical_settings(settings))
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -143,13 +173,23 @@ class ResultStore:
         self.root = Path(root) if root is not None else default_root()
         self.memory_items = memory_items
         self._memory: OrderedDict[str, Any] = OrderedDict()
+        self._legacy: OrderedDict[str, str] = OrderedDict()  # key -> the key an older store used
         self._lock = threading.Lock()
 
     # -- keys and paths -------------------------------------------------------------------------
 
     def key(self, lm: "LoadedModel", prompt: str, settings: dict[str, Any]) -> str:
-        """The key of a trace of ``prompt`` on ``lm`` with ``settings`` (see ``result_key``)."""
-        return result_key(lm, prompt, settings)
+        """The key of a trace of ``prompt`` on ``lm`` with ``settings`` (see ``result_key``).
+        When an older store would have filed it under another key (``legacy_key``), ``get``
+        looks there too."""
+        key, old = result_key(lm, prompt, settings), legacy_key(lm, prompt, settings)
+        if old != key:
+            with self._lock:
+                self._legacy[key] = old
+                self._legacy.move_to_end(key)
+                while len(self._legacy) > LEGACY_ITEMS:
+                    self._legacy.popitem(last=False)
+        return key
 
     def _paths(self, key: str) -> tuple[Path, Path]:
         if not isinstance(key, str) or not _KEY.fullmatch(key):
@@ -170,7 +210,24 @@ class ResultStore:
                 self._memory.move_to_end(key)
                 return self._memory[key]
         trace = self._read(key)
-        if trace is not None:
+        if trace is None:
+            return self._migrate(key)
+        self._remember(key, trace)
+        return trace
+
+    def _migrate(self, key: str):
+        """The entry an older store filed under ``key``'s legacy key (see ``key``), re-filed
+        under ``key`` (written there, then removed from the old place); None when there is none."""
+        with self._lock:
+            old = self._legacy.get(key)
+        trace = self._read(old) if old is not None else None
+        if trace is None:
+            return None
+        try:
+            self.put(key, trace)
+            self.delete(old)
+        except OSError as exc:  # a read-only store still serves the entry
+            log.warning("Could not re-file result %s under %s (%s).", old, key, exc)
             self._remember(key, trace)
         return trace
 

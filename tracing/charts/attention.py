@@ -62,13 +62,18 @@ def _category_sort(summary: pd.DataFrame) -> list[str]:
     return group_scale(summary["category"])[0]
 
 
+def _target_colour() -> alt.Color:
+    """First / noised / final token in the token palette (``style.TOKEN_COLOURS``), legend on top."""
+    labels = [TARGET_LABELS[t] for t in TARGETS]
+    return alt.Color("attention to:N", sort=labels,
+                     scale=alt.Scale(domain=labels, range=[TOKEN_COLOURS[t] for t in TARGETS]),
+                     legend=alt.Legend(title="Final token's attention to", orient="top", **LINE_LEGEND))
+
+
 def layer_lines(summary: pd.DataFrame, scale: str = "linear", width: int = 300, height: int = 260) -> alt.Chart:
     """Per category (panels): mean attention to first / noised / final token against layer, IQR band."""
     data = _floored(_with_labels(summary), ["mean", "q25", "q75"], scale)
-    color = alt.Color("attention to:N", sort=[TARGET_LABELS[t] for t in TARGETS],
-                      scale=alt.Scale(domain=[TARGET_LABELS[t] for t in TARGETS],
-                                      range=[TOKEN_COLOURS[t] for t in TARGETS]),
-                      legend=alt.Legend(title="Final token's attention to", orient="top", **LINE_LEGEND))
+    color = _target_colour()
     x = alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1))
     y_title = "attention weight (mean over heads and prompts)" + (" · log" if scale == "log" else "")
     base = alt.Chart(data).encode(x=x, color=color)
@@ -86,6 +91,46 @@ def layer_lines(summary: pd.DataFrame, scale: str = "linear", width: int = 300, 
         "Final-token attention per layer, by prompt type",
         subtitle=["Line: mean over prompts of the head-averaged weight; band: interquartile range over prompts.",
                   "Un-noised prompts."]))
+
+
+def prompt_heads(weights: np.ndarray) -> pd.DataFrame:
+    """One prompt's final-token attention ``weights`` [layers, heads, 3] (``TARGETS`` order, as in
+    ``PromptSetAttention.weights``) as a long table ``layer, head, target, attention``."""
+    layer, head, target = np.indices(weights.shape).reshape(3, -1)
+    return pd.DataFrame({"layer": layer, "head": head, "target": np.array(TARGETS)[target],
+                         "attention": weights.reshape(-1).astype(float)})
+
+
+def prompt_summary(weights: np.ndarray) -> pd.DataFrame:
+    """Per layer and target of one prompt's ``weights`` [layers, heads, 3]: the mean over heads,
+    the lowest and highest head and which head is highest (``layer, target, mean, min, max, top_head``)."""
+    heads = prompt_heads(weights)
+    grouped = heads.groupby(["layer", "target"], sort=False)["attention"]
+    out = grouped.agg(["mean", "min", "max"]).reset_index()
+    out["top_head"] = heads.loc[grouped.idxmax().to_numpy(), "head"].to_numpy()
+    return out
+
+
+def prompt_lines(weights: np.ndarray, title: str, subtitle: str | list[str] = "", scale: str = "linear",
+                 width: int = 560, height: int = 260) -> alt.LayerChart:
+    """One prompt: per layer the final token's attention to the first token, the noised tokens
+    (summed) and itself; lines: mean over heads, dots: every head (hover for it)."""
+    heads = _floored(prompt_heads(weights).assign(**{"attention to": lambda f: f["target"].map(TARGET_LABELS)}),
+                     ["attention"], scale)
+    summary = _floored(prompt_summary(weights).assign(**{"attention to": lambda f: f["target"].map(TARGET_LABELS)}),
+                       ["mean"], scale)
+    x = alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1))
+    y_title = "attention weight" + (" · log" if scale == "log" else "")
+    dots = alt.Chart(heads).mark_circle(size=18, opacity=0.3).encode(
+        x=x, y=alt.Y("attention:Q", title=y_title, scale=_y_scale(scale)), color=_target_colour(),
+        tooltip=["attention to:N", "layer:Q", "head:Q", alt.Tooltip("attention:Q", format=".4f")])
+    line = alt.Chart(summary).mark_line(point=alt.OverlayMarkDef(size=20)).encode(
+        x=x, y=alt.Y("mean:Q", title=y_title, scale=_y_scale(scale)), color=_target_colour(),
+        tooltip=["attention to:N", "layer:Q", alt.Tooltip("mean:Q", format=".4f", title="mean over heads"),
+                 alt.Tooltip("min:Q", format=".4f", title="lowest head"),
+                 alt.Tooltip("max:Q", format=".4f", title="highest head"), alt.Tooltip("top_head:Q", title="head")])
+    return (dots + line).properties(autosize=PAD, width=width, height=height,
+                                    title=alt.TitleParams(title, subtitle=subtitle))
 
 
 def category_lines(summary: pd.DataFrame, target: str, scale: str = "linear", width: int = 640,

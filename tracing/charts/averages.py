@@ -9,11 +9,12 @@ import numpy as np
 import pandas as pd
 
 from ..batch import ROWS
-from .style import RAMPS, TOKEN_COLOURS, group_label, group_scale
+from .style import RAMPS, TOKEN_COLOURS, ellipsis, group_label, group_scale
 
 ROW_COLOURS = [TOKEN_COLOURS["noised"], TOKEN_COLOURS["final"]]  # in ROWS order
 SPREADS = {"sem": "± standard error", "std": "± std", "ci": "bootstrap 95% interval"}
 PICK = "pick"  # the scatter plots' click selection: its points carry the prompt's "row" (table position)
+TOOLTIP_CHARS = 100  # prompts and answers longer than this are cut in the scatter plots' tooltips
 
 # Human column labels of the category tables (the data and CSV downloads keep the raw names).
 SUMMARY_LABELS = {
@@ -123,12 +124,14 @@ def scatter_chart(table: pd.DataFrame, x: str = "token_distance") -> alt.Chart:
     jittered points (up to a quarter layer / token, so prompts on equal values stay visible), the
     prompt's details on hover, and a click selection ``PICK`` whose points carry ``row`` (the
     prompt's index label in ``table``: its position in ``prompt_table``'s results, also when a
-    filtered part of it is drawn)."""
+    filtered part of it is drawn). Prompts and answers are cut to ``TOOLTIP_CHARS`` in hovers."""
     titles = {"token_distance": "tokens from the noised to the final token", "clean_prob": "clean p(target)"}
     if x not in titles:
         raise ValueError(f"x must be one of {', '.join(titles)}")
     data = table.assign(row=table.index.to_numpy()).dropna(subset=["transition_layer"])
     data["category label"] = [group_label(c) for c in data["category"]]
+    for column in ("prompt", "expected"):  # a very long prompt would make a tooltip (and the chart) huge
+        data[column] = [ellipsis(str(v), TOOLTIP_CHARS) for v in data[column]]
     # jitter in axis units (Vega-Lite ignores offset channels on quantitative axes); hover shows the true values
     data["x_shown"] = data[x] + (jitter(len(data), 0.25, seed=1) if x == "token_distance" else 0.0)
     data["y_shown"] = data["transition_layer"] + jitter(len(data), 0.25, seed=2)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import altair as alt
+import numpy as np
 import pandas as pd
 
-from ..hidden import MEASURE_HELP, MEASURES, LogitLens
+from ..hidden import MEASURE_HELP, MEASURES, LogitLens, measure_layers
 from .style import LINE_LEGEND, ellipsis, group_label, group_scale, quote_token, show_token
 
 SPREADS = {"std": "± 1 standard deviation", "sem": "± 1 standard error", "none": "no band"}
@@ -13,6 +14,15 @@ BOUNDS = {"norm": (0.0, None), "step": (0.0, None), "cosine": (-1.0, 1.0),
           "step_cosine": (-1.0, 1.0), "target_prob": (0.0, 1.0)}
 Y_TITLES = {"norm": "|h(l)|", "cosine": "cos(h(l), h(l+1))", "step": "|h(l+1) − h(l)|",
             "step_cosine": "cos(step l−1, step l)", "target_prob": "p(expected)"}
+CURRENT = "current prompt"  # the study's prompt drawn over the prompt types
+CURRENT_COLOUR = "#222222"  # dark, dashed: apart from every category colour
+
+
+def current_frame(measures: dict[str, np.ndarray], n_layers: int) -> pd.DataFrame:
+    """One prompt's trajectory (``hidden.prompt_trajectory``) as a long table ``measure, layer, value``."""
+    return pd.concat([pd.DataFrame({"measure": name, "layer": measure_layers(name, n_layers),
+                                    "value": np.asarray(values, dtype=float)})
+                      for name, values in measures.items()], ignore_index=True)
 
 
 def _labelled(frame: pd.DataFrame) -> pd.DataFrame:
@@ -21,22 +31,31 @@ def _labelled(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _color(groups: list[str]) -> alt.Color:
+def _color(groups: list[str], current: bool = False) -> alt.Color:
     labels, scale = group_scale(groups)
+    if current:
+        scale = alt.Scale(domain=[*labels, CURRENT], range=[*scale.range, CURRENT_COLOUR])
+        labels = [*labels, CURRENT]
     return alt.Color("category:N", sort=labels, scale=scale,
                      legend=alt.Legend(title="Prompt type", **LINE_LEGEND))
 
 
+def _rows(frame: pd.DataFrame | None, measure: str, crop: tuple[int, int] | None) -> pd.DataFrame | None:
+    """The rows of one measure (within the ``crop`` layers)."""
+    if frame is None:
+        return None
+    rows = frame[frame["measure"] == measure]
+    return rows[rows["layer"].between(*crop)] if crop is not None else rows
+
+
 def _measure_chart(summary: pd.DataFrame, prompts: pd.DataFrame | None, measure: str,
-                   spread: str, crop: tuple[int, int] | None, width: int, height: int) -> alt.Chart:
-    """One measure against layer: mean line per group, a spread band, optional per-prompt lines."""
-    data = summary[summary["measure"] == measure]
-    lines = prompts[prompts["measure"] == measure] if prompts is not None else None
-    if crop is not None:
-        data = data[data["layer"].between(*crop)]
-        lines = lines[lines["layer"].between(*crop)] if lines is not None else None
+                   spread: str, crop: tuple[int, int] | None, width: int, height: int,
+                   current: pd.DataFrame | None = None) -> alt.Chart:
+    """One measure against layer: mean line per group, a spread band, optional per-prompt lines
+    and the current prompt's own line."""
+    data, lines, mine = (_rows(f, measure, crop) for f in (summary, prompts, current))
     data = _labelled(data)
-    color = _color(sorted(summary["group"].unique()))
+    color = _color(sorted(summary["group"].unique()), current is not None)
     domain = [crop[0], crop[1]] if crop is not None else [0, int(summary["layer"].max())]
     x = alt.X("layer:Q", title="layer", scale=alt.Scale(domain=domain, nice=False),
               axis=alt.Axis(tickMinStep=1, format="d"))
@@ -60,6 +79,11 @@ def _measure_chart(summary: pd.DataFrame, prompts: pd.DataFrame | None, measure:
                                               alt.Tooltip("value:Q", format=".4g")]))
     layers.append(alt.Chart(data).mark_line(strokeWidth=2.2, point=alt.OverlayMarkDef(size=14))
                   .encode(x=x, y=y, color=color, tooltip=tooltip))
+    if mine is not None and not mine.empty:
+        layers.append(alt.Chart(mine.assign(category=CURRENT)).mark_line(
+            strokeWidth=2.2, strokeDash=[6, 3], point=alt.OverlayMarkDef(size=14, filled=True)).encode(
+            x=x, y=alt.Y("value:Q", title=y_title, scale=alt.Scale(zero=False)), color=color,
+            tooltip=["category:N", "layer:Q", alt.Tooltip("value:Q", format=".4g")]))
     if crop is None:
         title = alt.TitleParams(MEASURES[measure], subtitle=_wrap(MEASURE_HELP[measure], 80),
                                 fontSize=13, subtitleFontSize=10, anchor="start")
@@ -83,16 +107,18 @@ def _wrap(text: str, width: int) -> list[str]:
 
 def trajectory_figure(summary: pd.DataFrame, measures: list[str], crop: tuple[int, int],
                       spread: str = "std", prompts: pd.DataFrame | None = None,
-                      width: int = 400, height: int = 170) -> alt.VConcatChart:
+                      width: int = 400, height: int = 170,
+                      current: pd.DataFrame | None = None) -> alt.VConcatChart:
     """One row per measure: every layer on the left, layers ``crop`` (inclusive) on the right.
 
     ``summary`` comes from ``hidden.summarise``; ``prompts`` (optional per-prompt lines) is the
-    long table of ``hidden.prompt_set_trajectories`` with a ``group`` column.
+    long table of ``hidden.prompt_set_trajectories`` with a ``group`` column; ``current``
+    (optional, ``current_frame``) one more prompt, drawn dashed as "current prompt".
     """
     if not measures:
         raise ValueError("Pick at least one measure.")
     rows = [
-        alt.hconcat(*[_measure_chart(summary, prompts, m, spread, c, width, height)
+        alt.hconcat(*[_measure_chart(summary, prompts, m, spread, c, width, height, current)
                       for c in (None, tuple(crop))])
         for m in measures
     ]
