@@ -49,11 +49,6 @@ EFFECT_DEFAULTS = {"attn_head_view": "attention", "attn_fx_scope": "set", "attn_
 # Cached computations (keyed by model name and inputs; the model is fetched inside)
 
 
-@st.cache_data(show_spinner=False, max_entries=5_000)
-def _attention_to(model: str, revision: str, prompt: str, positions: tuple[int, ...]) -> np.ndarray:
-    return A.attention_to(common.cached_model(model), prompt, positions)
-
-
 @st.cache_data(show_spinner=False, max_entries=64)  # [L, H, M] each: ~1 MB at 30 x 9 x 800
 def _first_token_attention(model: str, revision: str, window: tuple[int, ...]) -> np.ndarray:
     return A.first_token_attention(common.cached_model(model), window)
@@ -62,10 +57,6 @@ def _first_token_attention(model: str, revision: str, window: tuple[int, ...]) -
 @st.cache_data(show_spinner=False, max_entries=64)
 def _pattern(model: str, revision: str, prompt: str, layer: int) -> np.ndarray:
     return A.attention_pattern(common.cached_model(model), prompt, layer)
-
-
-def _cached_attend(lm, prompt: str, positions) -> np.ndarray:
-    return _attention_to(lm.name, lm.revision, prompt, tuple(int(p) for p in positions))
 
 
 def _cached_window(lm, window) -> np.ndarray:
@@ -112,7 +103,7 @@ def compute_prompt_set(lm, picked: tuple[pd.DataFrame, str] | None) -> dict | No
 
     def measure() -> dict | None:
         with common.progress("Measuring attention on the prompt set…", unit="prompts") as update:
-            result = A.prompt_set_attention(lm, frame, progress=update, attend=_cached_attend)
+            result = A.prompt_set_attention(lm, frame, progress=update, attend=common.attention_to)
         if not len(result.table):
             st.error("None of the prompts could be measured (see the skipped prompts below).")
             _show_skipped(result)
@@ -449,7 +440,7 @@ def study_attention(lm, study: Study) -> tuple[np.ndarray, list[int]]:
     tokens (summed; the trace page's rule for which) and itself; and the noised positions."""
     noised = runcard.noised_positions(lm, {**study.trace_fields(), "tokens": list(study.tokens)})
     row = {"category": "study", "prompt": study.prompt, "subject": study.subject, "noised": noised}
-    result = A.prompt_set_attention(lm, pd.DataFrame([row]), attend=_cached_attend)
+    result = A.prompt_set_attention(lm, pd.DataFrame([row]), attend=common.attention_to)
     if len(result.skipped):
         raise ValueError(result.skipped["error"].iloc[0])
     return result.weights[0], [int(i) for i in result.table["noised"].iloc[0].split()]

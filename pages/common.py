@@ -330,7 +330,7 @@ def study_box(what: str = "This page") -> None:
 # Cached per-prompt views (shared by the pages that show them)
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
+@st.cache_data(show_spinner=False, max_entries=5_000)  # [L, H, few] each: a prompt set's worth
 def _attention_to(model: str, revision: str, prompt: str, positions: tuple[int, ...]):
     return tracing.attention.attention_to(cached_model(model), prompt, positions)
 

@@ -36,11 +36,6 @@ def trajectories(model_name: str, records: tuple[tuple[str, str, str], ...]
     return result, time.perf_counter() - start
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
-def logit_lens(model_name: str, prompt: str, target: str | None, k: int) -> hidden.LogitLens:
-    return hidden.logit_lens(common.cached_model(model_name), prompt, k=k, target=target)
-
-
 @st.cache_data(show_spinner=False, max_entries=32)
 def prompt_trajectory(model_name: str, prompt: str, target: str | None) -> dict[str, np.ndarray]:
     return hidden.prompt_trajectory(common.cached_model(model_name), prompt, target)
@@ -197,7 +192,7 @@ def lens_section(model_name: str, study: Study) -> None:
     what = "Could not run the logit lens" + (" on the study's prompt (change it on the trace page)"
                                              if st.session_state.get("hidden_lens_source") == "study" else "")
     shown, _ = common.keep_last_good(
-        LENS_KEY, lambda: dict(model=model_name, lens=logit_lens(model_name, prompt, target or None, k)), what)
+        LENS_KEY, lambda: dict(model=model_name, lens=common.logit_lens(common.cached_model(model_name), prompt, k, target or None)), what)
     if shown is None:
         return
     lens = shown["lens"]
