@@ -70,9 +70,9 @@ def _cached_window(lm, window) -> np.ndarray:
 def pick_prompt_set(lm) -> tuple[pd.DataFrame, str] | None:
     """The chosen prompt set, filtered; None (with a message) when it cannot be read."""
     c1, c2, c3 = st.columns([1.2, 1.3, 1.5])
-    skip_flagged = c2.toggle("Skip prompts flagged with problems", key="attn_skip_flagged",
+    skip_flagged = c2.toggle("Skip prompts flagged with problems", persist_state="session", key="attn_skip_flagged",
                              help="E.g. the subject is missing, or the first or last token would be noised.")
-    only_right = c3.toggle("Only prompts the embedded model gets right", key="attn_only_right",
+    only_right = c3.toggle("Only prompts the embedded model gets right", persist_state="session", key="attn_only_right",
                            help="Uses the set's model_top1 column (top-1 of SmolLM2-135M-Instruct).")
     picked = common.prompt_set_picker("attn_set", lm=lm, where=c1, upload_key="attn_set_upload",
                                       help="The prompt-set CSV format is described in the README.")
@@ -143,14 +143,14 @@ def section_by_type(stored: dict) -> None:
         "and the **final** token itself, at each layer, averaged over the heads of the layer, then "
         "over the prompts of each type. The seed study's “Attention by Prompt Type” plot."
     )
-    scale = st.radio("Scale", list(C.SCALES), horizontal=True, key="attn_type_scale",
+    scale = st.radio("Scale", list(C.SCALES), horizontal=True, persist_state="session", key="attn_type_scale",
                      help=f"Log scale: weights below {C.LOG_FLOOR:g} are drawn at {C.LOG_FLOOR:g}.")
     summary = A.layer_summary(result)
     chart = C.layer_lines(summary, scale)
     st.altair_chart(chart, width="content")
     common.chart_downloads(chart, "attention_by_type", summary,
                            name=common.file_name("attention_by_type", source, scale))
-    target = st.selectbox("Compare the prompt types on", list(A.TARGETS), key="attn_type_target",
+    target = st.selectbox("Compare the prompt types on", list(A.TARGETS), persist_state="session", key="attn_type_target",
                           format_func=lambda t: f"attention to the {A.TARGET_LABELS[t]}")
     chart = C.category_lines(summary, target, scale)
     st.altair_chart(chart, width="content")
@@ -189,9 +189,9 @@ def section_heads(stored: dict) -> None:
         "types. Click a cell (or pick it below) to see every prompt's value for that head."
     )
     c1, c2 = st.columns(2)
-    target = c1.selectbox("Attention to", list(A.TARGETS), key="attn_head_target",
+    target = c1.selectbox("Attention to", list(A.TARGETS), persist_state="session", key="attn_head_target",
                           format_func=lambda t: A.TARGET_LABELS[t])
-    scale = c2.radio("Colour scale", list(C.SCALES), horizontal=True, key="attn_head_scale")
+    scale = c2.radio("Colour scale", list(C.SCALES), horizontal=True, persist_state="session", key="attn_head_scale")
     heads = A.head_summary(result, target)
     chart = C.head_grids(heads, scale, alt.selection_point(fields=["layer", "head"], name="cell"))
     event = st.altair_chart(chart, width="content", on_select="rerun", selection_mode="cell", key="attn_grid")
@@ -206,8 +206,8 @@ def pick_pair(categories: list[str], key: str) -> tuple[str, str]:
     """Two prompt types A and B to compare (widgets ``<key>_a``, ``<key>_b``); says so when the
     same type is picked twice."""
     c1, c2 = st.columns(2)
-    a = c1.selectbox("A", categories, index=len(categories) - 1, key=f"{key}_a", format_func=group_label)
-    b = c2.selectbox("B", categories, index=0, key=f"{key}_b", format_func=group_label)
+    a = c1.selectbox("A", categories, index=len(categories) - 1, persist_state="session", key=f"{key}_a", format_func=group_label)
+    b = c2.selectbox("B", categories, index=0, persist_state="session", key=f"{key}_b", format_func=group_label)
     if a == b:
         st.info("Pick two different prompt types to see their difference.")
     return a, b
@@ -257,14 +257,14 @@ def _per_prompt(result: A.PromptSetAttention, target: str, new: tuple[int, int] 
 def _effect_settings(lm) -> tuple[TraceSettings, str, str]:
     """The head traces' settings, where heads are restored and the metric shown."""
     c = st.columns([1.3, 1, 1, 1, 1.4])
-    where = c[0].radio("Restore heads at", list(HD.TOKENS), horizontal=True, key="attn_fx_token",
+    where = c[0].radio("Restore heads at", list(HD.TOKENS), horizontal=True, persist_state="session", key="attn_fx_token",
                        format_func=HD.TOKEN_LABELS.get,
                        help="The position whose clean head outputs are put back into the corrupted run.")
-    noise = c[1].number_input("Noise", *NOISE_RANGE["absolute"], step=0.05, key="attn_fx_noise",
+    noise = c[1].number_input("Noise", *NOISE_RANGE["absolute"], step=0.05, persist_state="session", key="attn_fx_noise",
                               help="Gaussian noise on the subject's last token (as the trace page).")
-    samples = c[2].number_input("Samples", *SAMPLES_RANGE, key="attn_fx_samples")
-    seed = c[3].number_input("Seed", *SEED_RANGE, key="attn_fx_seed")
-    metric = c[4].selectbox("Effect", EFFECT_METRICS, key="attn_fx_metric",
+    samples = c[2].number_input("Samples", *SAMPLES_RANGE, persist_state="session", key="attn_fx_samples")
+    seed = c[3].number_input("Seed", *SEED_RANGE, persist_state="session", key="attn_fx_seed")
+    metric = c[4].selectbox("Effect", EFFECT_METRICS, persist_state="session", key="attn_fx_metric",
                             format_func=lambda m: METRICS[m].label)
     return TraceSettings(noise=float(noise), samples=int(samples), seed=int(seed)), where, metric
 
@@ -300,7 +300,7 @@ def section_effects(lm, picked: tuple[pd.DataFrame, str]) -> None:
     )
     frame, source = picked
     settings, where, metric = _effect_settings(lm)
-    scope = st.radio("Of", list(EFFECT_SCOPES), horizontal=True, key="attn_fx_scope", format_func=EFFECT_SCOPES.get)
+    scope = st.radio("Of", list(EFFECT_SCOPES), horizontal=True, persist_state="session", key="attn_fx_scope", format_func=EFFECT_SCOPES.get)
     store = common.result_store()
     files = ("head_effects", where, metric, f"noise{settings.noise:g}", f"seed{settings.seed}")
     if scope == "one":
@@ -355,7 +355,7 @@ def _effect_one(lm, frame: pd.DataFrame, settings: TraceSettings, where: str, me
     prompts = frame["prompt"].tolist()
     if st.session_state.get("attn_fx_prompt", 0) >= len(prompts):
         st.session_state["attn_fx_prompt"] = 0
-    index = st.selectbox("Prompt", range(len(prompts)), key="attn_fx_prompt",
+    index = st.selectbox("Prompt", range(len(prompts)), persist_state="session", key="attn_fx_prompt",
                          format_func=lambda i: f"{group_label(frame['category'].iloc[i])} · {prompts[i]}")
     try:
         (result,) = HD.plan_heads(lm, frame.iloc[[index]], settings, store, where)
@@ -393,8 +393,8 @@ def _cell_pickers(n_layers: int, n_heads: int, new: tuple[int, int] | None) -> t
     if new is not None:
         st.session_state[layer_key], st.session_state[head_key] = new
     c1, c2 = st.columns(2)
-    layer = c1.number_input("Layer", 0, n_layers - 1, key=layer_key)
-    head = c2.selectbox("Head", [MEAN] + list(range(n_heads)), key=head_key)
+    layer = c1.number_input("Layer", 0, n_layers - 1, persist_state="session", key=layer_key)
+    head = c2.selectbox("Head", [MEAN] + list(range(n_heads)), persist_state="session", key=head_key)
     return int(layer), (None if head == MEAN else int(head))
 
 
@@ -408,7 +408,7 @@ def section_single(lm) -> None:
         "and the final token at every layer; then the full attention pattern of one head (row = the attending "
         "token, column = the token it attends to), and the final token's row for every head of the layer."
     )
-    source = st.radio("Prompt", list(PROMPT_SOURCES), horizontal=True, key="attn_source",
+    source = st.radio("Prompt", list(PROMPT_SOURCES), horizontal=True, persist_state="session", key="attn_source",
                       format_func=SOURCE_LABELS.get)
     study = common.study()
     if source == "study":
@@ -416,11 +416,11 @@ def section_single(lm) -> None:
         st.caption("To look at another prompt, change the study on the trace page, or choose **my own prompt**.")
         prompt = study.prompt
     else:
-        prompt = st.text_input("Prompt", max_chars=MAX_PROMPT_CHARS, key="attn_single_prompt")
+        prompt = st.text_input("Prompt", max_chars=MAX_PROMPT_CHARS, persist_state="session", key="attn_single_prompt")
     c1, c2, c3 = st.columns([2, 1, 1])
-    layer = int(c1.slider("Layer", 0, lm.n_layers - 1, key=layer_key(lm)))
-    head = c2.selectbox("Head", [MEAN] + list(range(lm.n_heads)), key=head_key(lm))
-    scale = c3.radio("Colour scale", list(C.SCALES), horizontal=True, key="attn_single_scale")
+    layer = int(c1.slider("Layer", 0, lm.n_layers - 1, persist_state="session", key=layer_key(lm)))
+    head = c2.selectbox("Head", [MEAN] + list(range(lm.n_heads)), persist_state="session", key=head_key(lm))
+    scale = c3.radio("Colour scale", list(C.SCALES), horizontal=True, persist_state="session", key="attn_single_scale")
     what = "The study's prompt" if source == "study" else "The prompt"
     try:
         tokens = token_strings(lm, tokenize(lm, prompt))
@@ -517,11 +517,11 @@ def _long_text_source() -> tuple[str, str, str] | None:
 
 def _long_text_form(lm) -> tuple[int, int, int, bool, bool]:
     c1, c2, c3, c4, c5 = st.columns([1, 1, 1, 1.3, 0.8])
-    n = c1.number_input("Samples N", 1, 500, key="attn_long_n", help="Windows drawn from the text.")
-    m = c2.number_input("Tokens per sample M", 2, int(lm.n_ctx), key=length_key(lm),
+    n = c1.number_input("Samples N", 1, 500, persist_state="session", key="attn_long_n", help="Windows drawn from the text.")
+    m = c2.number_input("Tokens per sample M", 2, int(lm.n_ctx), persist_state="session", key=length_key(lm),
                         help=f"Capped at the model's context ({lm.n_ctx}).")
-    seed = c3.number_input("Seed", *SEED_RANGE, key="attn_long_seed", help="Where the windows start.")
-    disjoint = c4.toggle("Non-overlapping windows", key="attn_long_disjoint",
+    seed = c3.number_input("Seed", *SEED_RANGE, persist_state="session", key="attn_long_seed", help="Where the windows start.")
+    disjoint = c4.toggle("Non-overlapping windows", persist_state="session", key="attn_long_disjoint",
                          help="Windows that share no token: independent samples of the text (fewer fit).")
     c5.write("")
     go = c5.button("Compute", type="primary", key="attn_long_go")
@@ -594,8 +594,8 @@ def show_long(stored: dict, model: str) -> None:
     cols[2].metric("Layers above 0.25", f"{int((by_layer > 0.25).sum())} of {len(by_layer)}",
                    help=f"Head-averaged attention to the first token, i ≥ {tail}.")
     c1, c2 = st.columns(2)
-    log_x = c1.toggle("Log scale for i", value=False, key="attn_long_logx")
-    log_y = c2.toggle("Log scale for attention", value=False, key="attn_long_logy")
+    log_x = c1.toggle("Log scale for i", value=False, persist_state="session", key="attn_long_logx")
+    log_y = c2.toggle("Log scale for attention", value=False, persist_state="session", key="attn_long_logy")
     curves = A.long_text_curves(result)
     files = (stored.get("file", "text"), f"{result.n_samples}x{result.length}", "disjoint" if result.disjoint else "random",
              f"seed{result.seed}")
@@ -603,12 +603,12 @@ def show_long(stored: dict, model: str) -> None:
     st.altair_chart(chart, width="content")
     common.chart_downloads(chart, "first_token_attention_mean", curves[curves["layer"] == "mean"],
                            name=common.file_name("first_token_attention_mean", *files))
-    view = st.radio("Per layer, as", ["heatmap", "lines"], horizontal=True, key="attn_long_view")
+    view = st.radio("Per layer, as", ["heatmap", "lines"], horizontal=True, persist_state="session", key="attn_long_view")
     chart = C.long_text_layer_heatmap(curves) if view == "heatmap" else C.long_text_layers(curves, log_x, log_y)
     st.altair_chart(chart, width="content")
     common.chart_downloads(chart, "first_token_attention_per_layer", curves[curves["layer"] != "mean"],
                            name=common.file_name("first_token_attention_per_layer", *files, view))
-    start = st.slider("Per-head view: positions from", 0, result.length - 1, tail, key=f"attn_long_from_{result.length}")
+    start = st.slider("Per-head view: positions from", 0, result.length - 1, tail, persist_state="session", key=f"attn_long_from_{result.length}")
     heads = A.long_text_heads(result, start)
     chart = C.long_text_heads(heads, start)
     st.altair_chart(chart, width="content")
@@ -687,7 +687,7 @@ def _prompt_set_tab(lm, section) -> None:
 
 def _heads_tab(lm) -> None:
     """Per-head grids: attention weights (from the prompt set's attention) or causal effects (head traces)."""
-    view = st.radio("Show", list(HEAD_VIEWS), horizontal=True, key="attn_head_view", format_func=HEAD_VIEWS.get,
+    view = st.radio("Show", list(HEAD_VIEWS), horizontal=True, persist_state="session", key="attn_head_view", format_func=HEAD_VIEWS.get,
                     help="Attention weights: where the final token looks. Causal effect: what restoring one "
                          "head brings back of the answer.")
     if view == "attention":
@@ -713,7 +713,6 @@ def main() -> None:
         "causal mask), on clean prompts."
     )
     common.show_problems(problems)
-    common.keep_widgets((*EFFECT_DEFAULTS, layer_key(lm), head_key(lm), length_key(lm)))  # the page state's: restore_state
     tabs = st.tabs(TABS, on_change="rerun", key="attn_tab")  # lazy: only the open tab runs
     for name, tab in zip(TABS, tabs):
         with tab:

@@ -105,10 +105,10 @@ def settings_form(n_layers: int, study: Study) -> CategoriesState:
     batch" the page's own form; and the traced answer. Traces of both stay in the store."""
     common.study_box("The batch (its kind, noise, samples, seed and window)")
     c = st.columns([1.6, 1.4, 3])
-    own = c[0].toggle("Own settings for this batch", key="cat_own",
+    own = c[0].toggle("Own settings for this batch", persist_state="session", key="cat_own",
                       help="Off: the batch traces with the study's settings (set on the trace page). On: "
                            "with the settings below. Traces made with either stay in the result store.")
-    c[1].selectbox("Target", batch.TARGETS, key="cat_target", format_func=ANSWERS.get)
+    c[1].selectbox("Target", batch.TARGETS, persist_state="session", key="cat_target", format_func=ANSWERS.get)
     if own:
         own_form(n_layers)
     state = common.widget_state(CategoriesState, STATE)
@@ -122,19 +122,19 @@ def settings_form(n_layers: int, study: Study) -> CategoriesState:
 def own_form(n_layers: int) -> None:
     """The page's own trace settings (ranges from tracing.settings)."""
     c = st.columns(5)
-    kind = c[0].selectbox("Restore", KINDS, format_func=SHORT_KIND.get, key="cat_kind")
-    mode = c[2].selectbox("Noise is", NOISE_MODES, key="cat_mode", format_func=MODES.get)
+    kind = c[0].selectbox("Restore", KINDS, format_func=SHORT_KIND.get, persist_state="session", key="cat_kind")
+    mode = c[2].selectbox("Noise is", NOISE_MODES, persist_state="session", key="cat_mode", format_func=MODES.get)
     _clamp("cat_noise", *NOISE_RANGE[mode])
-    c[1].number_input("Noise", *NOISE_RANGE[mode], step=0.05, key="cat_noise",
+    c[1].number_input("Noise", *NOISE_RANGE[mode], step=0.05, persist_state="session", key="cat_noise",
                       help="Std of the Gaussian noise added to the noised token's embedding "
                            f"(default {DEFAULTS.noise:g}).")
-    c[3].number_input("Samples", *SAMPLES_RANGE, key="cat_samples",
+    c[3].number_input("Samples", *SAMPLES_RANGE, persist_state="session", key="cat_samples",
                       help=f"Noise draws averaged per cell (default {DEFAULTS.samples}, as ROME).")
-    c[4].number_input("Seed", *SEED_RANGE, key="cat_seed")
+    c[4].number_input("Seed", *SEED_RANGE, persist_state="session", key="cat_seed")
     if kind != "hidden":
         high = min(n_layers, WINDOW_RANGE[1])
         _clamp("cat_window", WINDOW_RANGE[0], high)
-        st.slider("Window (layers)", WINDOW_RANGE[0], high, key="cat_window")
+        st.slider("Window (layers)", WINDOW_RANGE[0], high, persist_state="session", key="cat_window")
 
 
 def describe_settings(settings: dict[str, Any]) -> str:
@@ -281,14 +281,14 @@ def show_results(lm, results: list[batch.PromptResult], n_layers: int, parts: tu
     table, with downloads named after what they hold (``parts``: the batch's ``name_parts``).
     Clicking a scatter point or a table row opens that prompt's trace."""
     c = st.columns(4)
-    correct_only = c[0].toggle("Only prompts the model gets right", key="cat_correct")
-    combine = c[1].toggle("Combine regurgitation categories", key="cat_combine")
-    spread = c[2].radio("Band", list(category_charts.SPREADS), horizontal=True, key="cat_spread",
+    correct_only = c[0].toggle("Only prompts the model gets right", persist_state="session", key="cat_correct")
+    combine = c[1].toggle("Combine regurgitation categories", persist_state="session", key="cat_combine")
+    spread = c[2].radio("Band", list(category_charts.SPREADS), horizontal=True, persist_state="session", key="cat_spread",
                         format_func=category_charts.SPREADS.get,
                         help="The band around each mean curve: ± its standard error, ± the std over "
                              f"prompts, or a bootstrap 95% interval ({stats.BAND_RESAMPLES:,} resamples "
                              "of the prompts, seed 0).")
-    min_effect = c[3].number_input("Min. effect of noise", 0.0, 1.0, step=0.01, key="cat_min_effect",
+    min_effect = c[3].number_input("Min. effect of noise", 0.0, 1.0, step=0.01, persist_state="session", key="cat_min_effect",
                                    help="Prompts where noise lowers p(target) by less are left out of averages.")
     options = dict(correct_only=correct_only, combine_regurgitation=combine, min_effect=min_effect)
     averages = batch.category_averages(results, **options)

@@ -45,13 +45,13 @@ def model_sidebar() -> None:
         current = st.session_state[MODEL_KEY]
         index = options.index(current) if current in options else len(options) - 1
         choice = st.selectbox(
-            "Model", options, index=index, label_visibility="collapsed", key="model_picker"
+            "Model", options, index=index, label_visibility="collapsed", persist_state="session", key="model_picker"
         )
         if choice == OTHER:
             choice = st.text_input(
                 "Hub id, local folder or .gguf path",
                 value="" if current in options else current,
-                key="model_other",
+                persist_state="session", key="model_other",
             ).strip()
         failed = st.session_state.get(FAILED_KEY)
         if choice and choice != current and failed and failed[0] == choice:
@@ -228,16 +228,7 @@ def restore_state(cls: type[PageState], key: str, url_path: str) -> tuple[PageSt
     for widget, value in state.widget_values().items():
         if widget not in st.session_state:
             st.session_state[widget] = _widget_value(value)
-    keep_widgets(cls.WIDGETS.values())
     return state, problems
-
-
-def keep_widgets(keys: Any) -> None:
-    """Keep these widgets' values through runs that do not draw them (a closed tab, a hidden
-    form): without this, Streamlit falls back to the value code set before the user's change."""
-    for key in keys:
-        if key in st.session_state:
-            st.session_state[key] = st.session_state[key]
 
 
 def _widget_value(value: Any) -> Any:
@@ -368,7 +359,7 @@ def prompt_set_picker(key: str, *, lm: tracing.LoadedModel | None = None, where:
     model (model_top1, token problems). Loads are cached by content, so an edited file is read
     again."""
     shipped = prompts.shipped_sets()
-    choice = (where or st).selectbox("Prompt set", [*shipped, UPLOAD], key=key, help=help)
+    choice = (where or st).selectbox("Prompt set", [*shipped, UPLOAD], persist_state="session", key=key, help=help)
     try:
         if choice in shipped:
             name, data = choice, shipped[choice].read_bytes()

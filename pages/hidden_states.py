@@ -68,20 +68,20 @@ def crop_key(n_layers: int) -> str:  # a model-dependent range: one widget per m
 
 def trajectory_controls(n_layers: int) -> dict:
     c1, c2, c3, c4 = st.columns([1.1, 1, 1, 2])
-    combine = c1.toggle("Combine regurgitation", key="hidden_combine",
+    combine = c1.toggle("Combine regurgitation", persist_state="session", key="hidden_combine",
                         help="One line for non-English and plain-English regurgitation together.")
-    spread = c2.radio("Band", list(hidden_charts.SPREADS), key="hidden_spread",
+    spread = c2.radio("Band", list(hidden_charts.SPREADS), persist_state="session", key="hidden_spread",
                       format_func=hidden_charts.SPREADS.get)
-    per_prompt = c3.toggle("Show every prompt", key="hidden_per_prompt")
+    per_prompt = c3.toggle("Show every prompt", persist_state="session", key="hidden_per_prompt")
     key = crop_key(n_layers)
     if key not in st.session_state:  # the link's layers when they fit this model, else 10 %-90 %
         crop = st.session_state[STATE].crop
         fits = crop is not None and crop[1] <= n_layers
         st.session_state[key] = crop if fits else (max(1, round(n_layers * 0.1)), max(2, round(n_layers * 0.9)))
-    crop = c4.slider("Middle layers (right column)", 0, n_layers, key=key,
+    crop = c4.slider("Middle layers (right column)", 0, n_layers, persist_state="session", key=key,
                      help="The right-hand charts show only these layers, with their own y range.")
     measures = st.multiselect("Measures", list(hidden.MEASURES), format_func=hidden.MEASURES.get,
-                              key="hidden_measures")
+                              persist_state="session", key="hidden_measures")
     return dict(combine=combine, spread=spread, per_prompt=per_prompt, crop=crop, measures=measures)
 
 
@@ -152,7 +152,7 @@ def set_row(frame: pd.DataFrame) -> tuple[str, str]:
         return f"{group_label(row['category'])}: {row['prompt']} → {quote_token(_text(row['expected']))}"
 
     row = frame.iloc[st.selectbox("Prompt from the set", range(len(frame)), format_func=label,
-                                  key="hidden_lens_pick")]
+                                  persist_state="session", key="hidden_lens_pick")]
     return str(row["prompt"]), _text(row["expected"])
 
 
@@ -163,7 +163,7 @@ def _text(value: object) -> str:
 def lens_inputs(study: Study) -> tuple[str, str] | None:
     """The lens's prompt and target ("" = the top prediction) from the chosen source; None when
     there is none yet (no prompt set)."""
-    source = st.radio("Prompt", list(HiddenState.LENS_SOURCES), horizontal=True, key="hidden_lens_source",
+    source = st.radio("Prompt", list(HiddenState.LENS_SOURCES), horizontal=True, persist_state="session", key="hidden_lens_source",
                       format_func=SOURCE_LABELS.get)
     if source == "study":
         common.study_box("The logit lens")
@@ -174,8 +174,8 @@ def lens_inputs(study: Study) -> tuple[str, str] | None:
         picked = pick_set()
         return set_row(picked[0]) if picked is not None else None
     c1, c2 = st.columns([3, 1.2])
-    prompt = c1.text_input("Prompt", key="hidden_lens_prompt")
-    target = c2.text_input("Target completion", key="hidden_lens_target",
+    prompt = c1.text_input("Prompt", persist_state="session", key="hidden_lens_prompt")
+    target = c2.text_input("Target completion", persist_state="session", key="hidden_lens_target",
                            help="Its first token is tracked (include the leading space, "
                                 "e.g. ' Paris'). Empty: the model's top prediction.")
     return prompt, target
@@ -185,7 +185,7 @@ def lens_section(model_name: str, study: Study) -> None:
     st.caption("The final token's state entering each layer, put through the model's final norm "
                "and unembedding: what the model would predict if it stopped there.")
     inputs = lens_inputs(study)
-    k = st.slider("Top tokens", 1, 10, key="hidden_lens_k")
+    k = st.slider("Top tokens", 1, 10, persist_state="session", key="hidden_lens_k")
     if inputs is None:
         return
     prompt, target = inputs
@@ -203,7 +203,7 @@ def lens_section(model_name: str, study: Study) -> None:
 
 def wants_downloads(key: str) -> bool:
     """A toggle: rendering PNG and SVG takes seconds, so only when asked for."""
-    return st.toggle("Downloads (PNG · SVG · CSV)", value=False, key=key)
+    return st.toggle("Downloads (PNG · SVG · CSV)", value=False, persist_state="session", key=key)
 
 
 def show_lens(lens: hidden.LogitLens) -> None:
@@ -219,7 +219,7 @@ def show_lens(lens: hidden.LogitLens) -> None:
                                    name=common.file_name("logit_lens", lens.prompt, lens.target, f"top{k}"))
     with right:
         scale = st.radio("Show", list(hidden_charts.CURVE_SCALES), horizontal=True,
-                         format_func=hidden_charts.CURVE_SCALES.get, key="hidden_lens_scale")
+                         format_func=hidden_charts.CURVE_SCALES.get, persist_state="session", key="hidden_lens_scale")
         curve = hidden_charts.target_curve(lens, scale)
         st.altair_chart(curve, width="content")
         if downloads:
@@ -259,7 +259,6 @@ def render() -> None:
     st.title("Hidden states of the final token")
     _, problems = common.restore_state(HiddenState, STATE, common.PATHS["hidden_states"])
     common.show_problems(problems)
-    common.keep_widgets(k for k in st.session_state if str(k).startswith("hidden_crop_"))  # the state's: restore_state
     common.current_model()
     model_name = st.session_state.get(common.MODEL_KEY, tracing.DEFAULT_MODEL)
     study = common.study()

@@ -44,20 +44,20 @@ def _runs(lm, prompt: str) -> bool:
 def controls(n_layers: int) -> dict | None:
     """The averaging settings; None (with an error shown) when they are unusable."""
     c = st.columns([2, 1.3, 1, 1, 1])
-    kinds = c[0].multiselect("Restore", KINDS, format_func=SHORT_KIND.get, key="rome_kinds")
-    rule = c[1].toggle("ROME's noise rule", key="rome_rule",
+    kinds = c[0].multiselect("Restore", KINDS, format_func=SHORT_KIND.get, persist_state="session", key="rome_kinds")
+    rule = c[1].toggle("ROME's noise rule", persist_state="session", key="rome_rule",
                        help="Noise std = 3 × the std of the subject tokens' embeddings over the set.")
     noise = None if rule else c[1].number_input("Noise (std)", *NOISE_RANGE["absolute"], step=0.01,
-                                                key="rome_noise", format="%.4f")
-    samples = c[2].number_input("Samples", *SAMPLES_RANGE, key="rome_samples", help="Noise draws per trace (ROME: 10).")
-    seed = c[3].number_input("Seed", *SEED_RANGE, key="rome_seed")
-    limit = c[4].number_input("First N prompts", 0, ROME_LIMIT, key="rome_limit", help="0: every prompt.")
+                                                persist_state="session", key="rome_noise", format="%.4f")
+    samples = c[2].number_input("Samples", *SAMPLES_RANGE, persist_state="session", key="rome_samples", help="Noise draws per trace (ROME: 10).")
+    seed = c[3].number_input("Seed", *SEED_RANGE, persist_state="session", key="rome_seed")
+    limit = c[4].number_input("First N prompts", 0, ROME_LIMIT, persist_state="session", key="rome_limit", help="0: every prompt.")
     window = st.session_state["rome_window"]
     if any(k != "hidden" for k in kinds):
         high = min(n_layers, WINDOW_RANGE[1])
         st.session_state["rome_window"] = min(max(window, WINDOW_RANGE[0]), high)
-        window = st.slider("Window (layers, MLP / attention)", WINDOW_RANGE[0], high, key="rome_window")
-    correct_only = st.toggle("Only facts the model gets right (ROME)", key="rome_correct")
+        window = st.slider("Window (layers, MLP / attention)", WINDOW_RANGE[0], high, persist_state="session", key="rome_window")
+    correct_only = st.toggle("Only facts the model gets right (ROME)", persist_state="session", key="rome_correct")
     if not kinds:
         st.error("Pick at least one kind to restore.")
         return None

@@ -147,7 +147,6 @@ def restore_widgets() -> list[str]:
     defaults.setdefault(W["noise_sigma"], 3.0)
     for key, value in defaults.items():
         st.session_state.setdefault(key, value)
-    common.keep_widgets(W.values())  # the widgets of closed tabs keep what the user set
     return problems
 
 
@@ -177,17 +176,17 @@ def publish(state: TraceState) -> None:
 
 def prompt_inputs(lm: tracing.LoadedModel) -> list[str] | None:
     """Prompt and noised-token choice; the prompt's tokens, or None (error shown) if it is bad."""
-    st.text_area("Prompt", key=W["prompt"], height=68,
+    st.text_area("Prompt", persist_state="session", key=W["prompt"], height=68,
                  help="The model continues this text; the heatmap shows which restored states "
                       "bring back its prediction.")
     c1, c2, c3 = st.columns([1.3, 2.2, 1.6])
-    c1.radio("Noise the tokens of", runcard.NOISE_BY, key=W["noise_by"], horizontal=True,
+    c1.radio("Noise the tokens of", runcard.NOISE_BY, persist_state="session", key=W["noise_by"], horizontal=True,
              format_func={"subject": "a subject", "tokens": "my pick"}.get, on_change=_start_pick,
              help="Type the subject (its tokens are found in the prompt), or click tokens.")
     by_subject = st.session_state[W["noise_by"]] == "subject"
     if by_subject:
-        c2.text_input("Subject (text inside the prompt)", key=W["subject"])
-        c3.radio("Which subject tokens", runcard.SUBJECT_TOKENS, key=W["subject_tokens"],
+        c2.text_input("Subject (text inside the prompt)", persist_state="session", key=W["subject"])
+        c3.radio("Which subject tokens", runcard.SUBJECT_TOKENS, persist_state="session", key=W["subject_tokens"],
                  horizontal=True, format_func={"all": "all (ROME)", "last": "last (the study)"}.get,
                  help="ROME noises every subject token; the seed study noised only the last one.")
     picker = st.container()  # token pills (pick mode), always at this place in the page
@@ -222,7 +221,7 @@ def _pick_tokens(tokens: list[str]) -> None:
                  f"(0..{len(tokens) - 1}). It was dropped.")
         st.session_state[W["tokens"]] = [i for i in picked if 0 <= i < len(tokens)]
     st.pills("Tokens to noise (click to toggle)", list(range(len(tokens))), selection_mode="multi",
-             key=W["tokens"], format_func=lambda i: f"{i} {style.show_token(tokens[i])}")
+             persist_state="session", key=W["tokens"], format_func=lambda i: f"{i} {style.show_token(tokens[i])}")
 
 
 def token_chips(tokens: list[str], noised: list[int]) -> None:
@@ -237,9 +236,9 @@ def token_chips(tokens: list[str], noised: list[int]) -> None:
 
 def target_inputs(lm: tracing.LoadedModel) -> None:
     c1, c2 = st.columns(2)
-    c1.text_input("Expected completion (empty: the clean top-1 token)", key=W["target"],
+    c1.text_input("Expected completion (empty: the clean top-1 token)", persist_state="session", key=W["target"],
                   help="Its first token is the target. Mind the leading space: ' Paris'.")
-    c2.text_input("Contrast completion (for the logit difference)", key=W["contrast"],
+    c2.text_input("Contrast completion (for the logit difference)", persist_state="session", key=W["contrast"],
                   help="Used only by the metric 'logit difference': logit(target) − logit(contrast), "
                        "first token of each.")
     for name, where in (("target", c1), ("contrast", c2)):
@@ -263,18 +262,18 @@ def _spacing_note(lm: tracing.LoadedModel, name: str, where: Any) -> None:
 def noise_inputs(lm: tracing.LoadedModel) -> None:
     """Noise slider (absolute or × embedding σ), corruption and replacement prompt."""
     c1, c2, c3 = st.columns([3.2, 1.1, 1.6])
-    corruption = c3.radio("Corruption", CORRUPTIONS, key=W["corruption"], horizontal=True,
+    corruption = c3.radio("Corruption", CORRUPTIONS, persist_state="session", key=W["corruption"], horizontal=True,
                           format_func=CORRUPTION_NAMES.get,
                           help="Gaussian: add N(0, level²) to the noised tokens' embeddings. "
                                "Uniform: add U(−level, level). Replacement: run a second prompt "
                                "with the same number of tokens instead.")
     if corruption == "replace":
-        c1.text_input("Replacement prompt (same number of tokens)", key=W["replacement"],
+        c1.text_input("Replacement prompt (same number of tokens)", persist_state="session", key=W["replacement"],
                       help="The corrupted run reads this prompt; e.g. swap the subject for "
                            "another one with as many tokens.")
         _replacement_count(lm, c2)
         return
-    mode = c2.radio("Noise level in", NOISE_MODES, key=W["noise_mode"],
+    mode = c2.radio("Noise level in", NOISE_MODES, persist_state="session", key=W["noise_mode"],
                     format_func={"absolute": "absolute", "sigma": "× emb. σ"}.get,
                     help="absolute: the standard deviation itself. × emb. σ: a multiple of the "
                          "standard deviation of the token-embedding matrix (ROME used 3σ).")
@@ -282,10 +281,10 @@ def noise_inputs(lm: tracing.LoadedModel) -> None:
     if mode == "sigma":
         sigma = embedding_sigma(lm)
         c1.slider(f"Noise level: {what} in multiples of σ = {sigma:.4g}",
-                  *NOISE_RANGE["sigma"], step=0.05, key=W["noise_sigma"])
+                  *NOISE_RANGE["sigma"], step=0.05, persist_state="session", key=W["noise_sigma"])
     else:
         c1.slider(f"Noise level ({what} added to the embeddings)", *NOISE_RANGE["absolute"],
-                  step=0.01, key=W["noise"],
+                  step=0.01, persist_state="session", key=W["noise"],
                   help="Default 0.4 = 3σ of this model's embeddings (ROME's rule). The seed study "
                        "used 0.5 on GPT2-XL. Moving the slider re-traces at once.")
 
@@ -303,19 +302,19 @@ def _replacement_count(lm: tracing.LoadedModel, where: Any) -> None:
 def run_inputs(lm: tracing.LoadedModel) -> None:
     """Kind, metric, samples, seed, window, layer convention."""
     c1, c2, c3, c4, c5, c6 = st.columns([2.6, 1.5, 0.8, 0.9, 0.8, 1.4])
-    kind = c1.radio("Restore", runcard.KIND_CHOICES, key=W["kind"], horizontal=True,
+    kind = c1.radio("Restore", runcard.KIND_CHOICES, persist_state="session", key=W["kind"], horizontal=True,
                     format_func=KIND_NAMES.get,
                     help="Hidden: one clean hidden state per cell. MLP / attention: the clean "
                          "outputs of a window of layers around the cell's layer.")
-    c2.selectbox("Metric", list(METRICS), key=W["metric"], format_func=lambda m: METRICS[m].label,
+    c2.selectbox("Metric", list(METRICS), persist_state="session", key=W["metric"], format_func=lambda m: METRICS[m].label,
                  help="normalised: (p − corrupted) / (clean − corrupted), as in the seed study.")
-    c3.number_input("Samples", *SAMPLES_RANGE, step=1, key=W["samples"],
+    c3.number_input("Samples", *SAMPLES_RANGE, step=1, persist_state="session", key=W["samples"],
                     help=f"Noise draws averaged per cell (ROME: 10). Time grows with it; the page "
                          f"defaults to {INTERACTIVE.samples} to stay live on a CPU.")
-    c4.number_input("Seed", *SEED_RANGE, step=1, key=W["seed"])
-    c5.number_input("Window", *WINDOW_RANGE, step=1, key=W["window"],
+    c4.number_input("Seed", *SEED_RANGE, step=1, persist_state="session", key=W["seed"])
+    c5.number_input("Window", *WINDOW_RANGE, step=1, persist_state="session", key=W["window"],
                     disabled=kind == "hidden", help="Layers restored together for MLP / attention.")
-    c6.radio("Layer l means", CONVENTIONS, key=W["convention"], format_func={"input": "entering block l",
+    c6.radio("Layer l means", CONVENTIONS, persist_state="session", key=W["convention"], format_func={"input": "entering block l",
                                                "output": "leaving block l"}.get,
              help="Hidden kind only. Entering: the seed study's convention. Leaving: ROME's.")
 
@@ -323,20 +322,20 @@ def run_inputs(lm: tracing.LoadedModel) -> None:
 def row_inputs(tokens: list[str] | None) -> None:
     """Which token rows the exact trace computes (each row costs a full set of restorations)."""
     c1, c2, c3 = st.columns([2.2, 2.6, 1.4])
-    c3.selectbox("Sever (hidden kind)", runcard.SEVERS, key=W["sever"], format_func=SEVER_NAMES.get,
+    c3.selectbox("Sever (hidden kind)", runcard.SEVERS, persist_state="session", key=W["sever"], format_func=SEVER_NAMES.get,
                  disabled=st.session_state.get(W["kind"]) != "hidden",
                  help="ROME's severed paths: restore the clean hidden state while that token's MLP "
                       "(or attention) outputs in every later block keep their corrupted values: "
                       "how much of the state's effect flows through them. No preview: exact rows "
                       "only. Compare all three in the Severed paths tab.")
-    c1.radio("Rows to compute", runcard.ROWS, key=W["rows"], horizontal=True, format_func=ROW_NAMES.get,
+    c1.radio("Rows to compute", runcard.ROWS, persist_state="session", key=W["rows"], horizontal=True, format_func=ROW_NAMES.get,
              help="Every token's row (the full heatmap), only the noised tokens and the final token "
                   "(all the compact view and the category averages need: far cheaper on long "
                   "prompts), or rows you choose. Rows not computed stay empty.")
     if st.session_state[W["rows"]] == "chosen" and tokens is not None:
         chosen = [i for i in st.session_state.get(W["row_tokens"]) or [] if 0 <= i < len(tokens)]
         st.session_state[W["row_tokens"]] = chosen
-        c2.multiselect("Token rows", list(range(len(tokens))), key=W["row_tokens"],
+        c2.multiselect("Token rows", list(range(len(tokens))), persist_state="session", key=W["row_tokens"],
                        format_func=lambda i: f"{i} {style.show_token(tokens[i])}",
                        placeholder="Choose token rows")
 
@@ -838,8 +837,8 @@ def sweep_tab(lm: tracing.LoadedModel, state: TraceState, metric: str, ok: bool)
     st.caption("The same trace at several noise levels, side by side on one colour scale (the seed "
                "study compared 0.1, 0.3, 0.5 and 1.0). Every level is a full trace; each is cached.")
     c1, c2 = st.columns([1, 3])
-    c1.toggle("Compute the sweep", key=W["sweep_on"])
-    c2.text_input("Noise levels (comma separated)", key=W["sweep"])
+    c1.toggle("Compute the sweep", persist_state="session", key=W["sweep_on"])
+    c2.text_input("Noise levels (comma separated)", persist_state="session", key=W["sweep"])
     levels, problems = TraceState.parse({"sweep": st.session_state[W["sweep"]],
                                          "noise_mode": state.noise_mode})
     if problems:
@@ -881,20 +880,20 @@ def sweep_tab(lm: tracing.LoadedModel, state: TraceState, metric: str, ok: bool)
 def compare_inputs(state: TraceState) -> None:
     """What trace B changes, and B's value(s)."""
     c1, c2 = st.columns([1.2, 3])
-    mode = c1.radio("Trace B is this study with", runcard.COMPARE, key=W["compare"], format_func=COMPARE_NAMES.get)
+    mode = c1.radio("Trace B is this study with", runcard.COMPARE, persist_state="session", key=W["compare"], format_func=COMPARE_NAMES.get)
     if mode == "prompt":
         a, b, c = c2.columns([2.6, 1.4, 1.2])
-        a.text_input("B's prompt", key=W["b_prompt"])
-        b.text_input("B's subject (noised like A's)", key=W["b_subject"])
-        c.text_input("B's expected completion", key=W["b_target"], help="Empty: B's clean top-1 token.")
+        a.text_input("B's prompt", persist_state="session", key=W["b_prompt"])
+        b.text_input("B's subject (noised like A's)", persist_state="session", key=W["b_subject"])
+        c.text_input("B's expected completion", persist_state="session", key=W["b_target"], help="Empty: B's clean top-1 token.")
     elif mode == "noise":
         low, high = NOISE_RANGE[state.noise_mode]
         if not low <= float(st.session_state.get(W["b_noise"], low)) <= high:
             st.session_state[W["b_noise"]] = min(max(float(st.session_state[W["b_noise"]]), low), high)
         c2.slider("B's noise level" + (" (× σ)" if state.noise_mode == "sigma" else ""), low, high,
-                  step=0.01, key=W["b_noise"], help=f"A's is {state.noise:g}.")
+                  step=0.01, persist_state="session", key=W["b_noise"], help=f"A's is {state.noise:g}.")
     else:
-        c2.number_input("B's seed", *SEED_RANGE, step=1, key=W["b_seed"], help=f"A's is {state.seed}.")
+        c2.number_input("B's seed", *SEED_RANGE, step=1, persist_state="session", key=W["b_seed"], help=f"A's is {state.seed}.")
 
 
 def compare_tab(lm: tracing.LoadedModel, state: TraceState, metric: str, ok: bool) -> TraceState:
@@ -991,7 +990,7 @@ def severed_tab(lm: tracing.LoadedModel, state: TraceState, tokens: list[str] | 
     if st.session_state.get(W["sever_token"]) not in options:
         st.session_state[W["sever_token"]] = default if state.sever_token < 0 or state.sever_token >= len(tokens) \
             else state.sever_token
-    token = st.selectbox("At token", options, key=W["sever_token"],
+    token = st.selectbox("At token", options, persist_state="session", key=W["sever_token"],
                          format_func=lambda i: f"{i} {style.show_token(tokens[i])}" + ("*" if i in noised else ""),
                          help="ROME's figure uses the last subject token (the default here).")
     state = state.replace(sever_token=-1 if token == default else int(token))

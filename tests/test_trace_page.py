@@ -390,3 +390,20 @@ def test_severed_paths_tab_compares_three_exact_rows(embedded):
     assert not at.exception and not errors(at), errors(at)
     assert shown(at)["traces"]["hidden"].sever == "mlp"
     assert at.query_params["sever"] in (["mlp"], "mlp")
+
+
+def test_the_page_never_pushes_a_value_back_to_a_widget_the_user_moves():
+    """A re-set of a widget's own value sends it back to the browser and undoes a slider the user
+    is still moving (arrow keys during a rerun): after a user's change no widget is told a value,
+    and a widget in a closed tab keeps what the user set."""
+    at = open_page(SHORT)
+    at.slider(key="trace_noise").set_value(0.5).run()
+    pushed = [w.key for w in (*at.slider, *at.number_input, *at.text_input, *at.radio, *at.selectbox)
+              if w.proto.set_value and not w.proto.disabled]  # a disabled widget: nothing to undo
+    assert pushed == []
+    show_tab(at, "compare")
+    at.radio(key="trace_compare").set_value("noise").run()
+    show_tab(at, "heatmap")
+    show_tab(at, "compare")
+    assert at.radio(key="trace_compare").value == "noise"
+    assert not at.exception and not errors(at)
